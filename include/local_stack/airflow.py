@@ -1,0 +1,299 @@
+"""A real Airflow on this machine: scheduler, dag-processor, api-server and triggerer.
+
+Each component is its own detached process (it outlives `make run`), with a pid file and a log in
+the stack's data folder. The REST API is the only way this module talks to a running Airflow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from psycopg.conninfo import conninfo_to_dict
+
+from include.local_stack.settings import SOURCE_CONN_ID, WAREHOUSE_CONN_ID, StackSettings
+
+logger = logging.getLogger(__name__)
+
+COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+ADMIN_USER = "admin"
+
+
+class AirflowError(RuntimeError):
+    """The local Airflow did not do what was asked; the message says what to look at."""
+
+
+def airflow_connection_uri(dsn: str) -> str:
+    """An Airflow connection URI (`postgres://…`) for a libpq DSN."""
+    params = conninfo_to_dict(dsn)
+    login = params.get("user", "postgres")
+    password = params.get("password")
+    auth = f"{urllib.parse.quote(login, safe='')}"
+    if password:
+        auth += f":{urllib.parse.quote(password, safe='')}"
+    host = params.get("host", "127.0.0.1")
+    port = params.get("port", "5432")
+    return f"postgres://{auth}@{host}:{port}/{params.get('dbname', 'postgres')}"
+
+
+def airflow_environment(settings: StackSettings) -> dict[str, str]:
+    """The environment every Airflow process of this stack runs with."""
+    home = settings.airflow_home
+    env = dict(os.environ)
+    env.update(
+        {
+            "AIRFLOW_HOME": str(home),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(settings.root), env.get("PYTHONPATH")])),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(settings.root / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(settings.root / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": "8",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            "AIRFLOW__CORE__FERNET_KEY": settings.secret("fernet_key"),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{settings.api_url}/execution/",
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(settings.api_port),
+            "AIRFLOW__API__BASE_URL": settings.api_url,
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__API_AUTH__JWT_SECRET": settings.secret("jwt_secret"),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": (
+                f"postgresql+psycopg2://postgres@127.0.0.1:{settings.postgres_port}/airflow"
+            ),
+            # Find new DAG files and asset-triggered runs within seconds, not minutes.
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
+            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "10",
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+            "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
+            "AIRFLOW_CONN_SOURCE_POSTGRES": airflow_connection_uri(settings.database_url(SOURCE_CONN_ID)),
+            "AIRFLOW_CONN_WAREHOUSE_POSTGRES": airflow_connection_uri(
+                settings.database_url(WAREHOUSE_CONN_ID)
+            ),
+            "DBT_TARGET_PATH": str(settings.root / "dbt" / "target"),
+        }
+    )
+    env.update(settings.extra_env)
+    return env
+
+
+def _airflow_bin() -> str:
+    return str(Path(sys.executable).with_name("airflow"))
+
+
+def _pid_file(settings: StackSettings, component: str) -> Path:
+    return settings.airflow_home / "run" / f"{component}.pid"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours is not alive
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[-1][0] != "Z"
+    except OSError:
+        return True
+
+
+def running_components(settings: StackSettings) -> dict[str, int]:
+    found = {}
+    for component in COMPONENTS:
+        path = _pid_file(settings, component)
+        if path.exists():
+            pid = int(path.read_text())
+            if _alive(pid):
+                found[component] = pid
+    return found
+
+
+def _write_passwords_file(settings: StackSettings) -> None:
+    path = settings.airflow_home / "passwords.json"
+    if not path.exists():
+        path.write_text(json.dumps({ADMIN_USER: settings.secret("admin_password")}))
+        path.chmod(0o600)
+
+
+def admin_password(settings: StackSettings) -> str:
+    return json.loads((settings.airflow_home / "passwords.json").read_text())[ADMIN_USER]
+
+
+def migrate_database(settings: StackSettings) -> None:
+    settings.airflow_home.mkdir(parents=True, exist_ok=True)
+    _write_passwords_file(settings)
+    log = settings.airflow_home / "db-migrate.log"
+    with log.open("w") as out:
+        result = subprocess.run(
+            [_airflow_bin(), "db", "migrate"], env=airflow_environment(settings), stdout=out, stderr=out
+        )
+    if result.returncode != 0:
+        raise AirflowError(f"`airflow db migrate` failed; see {log}")
+
+
+def start(settings: StackSettings) -> None:
+    """Start every component that is not already running; never a second copy of one."""
+    env = airflow_environment(settings)
+    (settings.airflow_home / "run").mkdir(parents=True, exist_ok=True)
+    logs = settings.airflow_home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    already = running_components(settings)
+    for component in COMPONENTS:
+        if component in already:
+            continue
+        with (logs / f"{component}.log").open("ab") as out:
+            process = subprocess.Popen(
+                [_airflow_bin(), component],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=settings.root,
+            )
+        _pid_file(settings, component).write_text(str(process.pid))
+        logger.info("started airflow %s (pid %s)", component, process.pid)
+
+
+def stop(settings: StackSettings, timeout: float = 30) -> list[str]:
+    """Stop every running component (with its task processes); return what was stopped."""
+    running = running_components(settings)
+    for pid in running.values():
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    for pid in running.values():
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for component in COMPONENTS:
+        _pid_file(settings, component).unlink(missing_ok=True)
+    return list(running)
+
+
+@dataclass
+class AirflowClient:
+    """The few REST calls the local runner needs, authenticated as the local admin."""
+
+    base_url: str
+    password: str
+    user: str = ADMIN_USER
+    _token: str | None = None
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        headers = {"Content-Type": "application/json"}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            payload = response.read()
+        return json.loads(payload) if payload else None
+
+    def login(self) -> None:
+        self._token = None
+        answer = self._request("POST", "/auth/token", {"username": self.user, "password": self.password})
+        self._token = answer["access_token"]
+
+    def get(self, path: str) -> Any:
+        return self._request("GET", path)
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        return self._request("POST", path, body)
+
+    def patch(self, path: str, body: dict[str, Any]) -> Any:
+        return self._request("PATCH", path, body)
+
+
+def wait_until_healthy(settings: StackSettings, timeout: float = 180) -> AirflowClient:
+    """Wait for the api-server and for scheduler, triggerer and dag-processor heartbeats."""
+    client = AirflowClient(settings.api_url, admin_password(settings))
+    deadline = time.monotonic() + timeout
+    last = "api-server not answering"
+    while time.monotonic() < deadline:
+        missing = [c for c in COMPONENTS if c not in running_components(settings)]
+        if missing:
+            raise AirflowError(
+                f"Airflow {', '.join(missing)} exited; see {settings.airflow_home / 'logs'}/<component>.log"
+            )
+        try:
+            health = client.get("/api/v2/monitor/health")
+            unhealthy = [name for name, part in health.items() if part.get("status") != "healthy"]
+            if not unhealthy:
+                client.login()
+                return client
+            last = f"not yet healthy: {', '.join(unhealthy)}"
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
+            last = f"api-server not answering ({error})"
+        time.sleep(1)
+    raise AirflowError(f"Airflow did not become healthy in {timeout:.0f}s ({last}); see {settings.airflow_home}/logs")
+
+
+def wait_for_dags(client: AirflowClient, dag_ids: list[str], timeout: float = 180) -> None:
+    """Wait until the dag-processor has parsed each DAG; fail with the import errors if any."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        errors = client.get("/api/v2/importErrors")["import_errors"]
+        if errors:
+            text = "\n".join(f"{e['filename']}:\n{e['stack_trace']}" for e in errors)
+            raise AirflowError(f"DAG files failed to import:\n{text}")
+        known = {d["dag_id"] for d in client.get("/api/v2/dags?limit=100")["dags"]}
+        if set(dag_ids) <= known:
+            return
+        time.sleep(1)
+    raise AirflowError(f"DAGs {dag_ids} were not parsed within {timeout:.0f}s")
+
+
+def dag_runs(client: AirflowClient, dag_id: str) -> list[dict[str, Any]]:
+    return client.get(f"/api/v2/dags/{dag_id}/dagRuns?limit=100&order_by=-run_after")["dag_runs"]
+
+
+def wait_for_run(client: AirflowClient, dag_id: str, run_id: str, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = client.get(f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}")
+        if run["state"] in ("success", "failed"):
+            return run
+        time.sleep(2)
+    raise AirflowError(f"{dag_id} run {run_id} did not finish within {timeout:.0f}s")
+
+
+def wait_for_new_run(
+    client: AirflowClient, dag_id: str, known_run_ids: set[str], run_type: str, timeout: float
+) -> dict[str, Any]:
+    """Wait for a run of `dag_id` that did not exist before, of the given type, to finish."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fresh = [
+            r for r in dag_runs(client, dag_id) if r["dag_run_id"] not in known_run_ids and r["run_type"] == run_type
+        ]
+        if fresh:
+            return wait_for_run(client, dag_id, fresh[0]["dag_run_id"], max(1.0, deadline - time.monotonic()))
+        time.sleep(2)
+    raise AirflowError(f"No {run_type} run of {dag_id} started within {timeout:.0f}s")
+
+
+def task_instances(client: AirflowClient, dag_id: str, run_id: str) -> Iterator[dict[str, Any]]:
+    path = f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances?limit=1000"
+    yield from client.get(path)["task_instances"]

@@ -1,0 +1,265 @@
+"""`make run`: set everything up, run ingestion, wait for the Asset-triggered transform, summarise."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from include.local_stack import airflow
+from include.local_stack.postgres import EmbeddedPostgres, create_database
+from include.local_stack.settings import (
+    SOURCE_CONN_ID,
+    WAREHOUSE_CONN_ID,
+    StackSettings,
+    load_airflow_settings,
+    mask_password,
+)
+
+logger = logging.getLogger(__name__)
+
+INGEST_DAG = "ingest_raw_tables"
+TRANSFORM_DAG = "transform_dbt"
+
+
+class StackError(RuntimeError):
+    """Set-up cannot go on; the message names what is wrong and what to do."""
+
+
+@contextmanager
+def exclusive(settings: StackSettings) -> Iterator[None]:
+    """One `make run` (or `make stop`) at a time per data folder."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    with (settings.data_dir / "stack.lock").open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StackError(
+                "Another `make run` or `make stop` is working on this project right now; "
+                "wait for it to finish (the running Airflow is left alone)."
+            ) from None
+        yield
+
+
+def embedded_postgres(settings: StackSettings) -> EmbeddedPostgres:
+    return EmbeddedPostgres(settings.pgdata, settings.postgres_port)
+
+
+def start_databases(settings: StackSettings) -> None:
+    """The embedded server (always: it holds Airflow's metadata) and the project's databases."""
+    server = embedded_postgres(settings).start()
+    create_database(server.dsn(), "airflow")
+    for conn_id in (SOURCE_CONN_ID, WAREHOUSE_CONN_ID):
+        url = settings.database_url(conn_id)
+        if settings.uses_embedded(conn_id):
+            create_database(server.dsn(), psycopg.conninfo.conninfo_to_dict(url)["dbname"])
+        else:
+            try:
+                with psycopg.connect(url, connect_timeout=10):
+                    pass
+            except psycopg.OperationalError as error:
+                variable = "SOURCE_DATABASE_URL" if conn_id == SOURCE_CONN_ID else "WAREHOUSE_DATABASE_URL"
+                raise StackError(
+                    f"Connection '{conn_id}' ({mask_password(url)}, from {variable}) cannot be reached: "
+                    f"{str(error).strip().splitlines()[-1]}. Fix {variable} or unset it to use the "
+                    "embedded PostgreSQL."
+                ) from None
+
+
+def ensure_demo_data(settings: StackSettings) -> dict[str, Any] | None:
+    """Generate the demo source tables the first time; later runs copy what is there."""
+    from include.demo_data import generate
+
+    url = settings.database_url(SOURCE_CONN_ID)
+    with psycopg.connect(url) as conn:
+        present = conn.execute("select to_regclass('public.stock_master') is not null").fetchone()[0]
+    if present:
+        return None
+    return generate(
+        url,
+        securities=int(os.environ.get("DEMO_SECURITIES", "10000")),
+        events=int(os.environ.get("DEMO_EVENTS", "100000")),
+        seed=int(os.environ.get("DEMO_SEED", "42")),
+    )
+
+
+def dbt_environment(settings: StackSettings) -> dict[str, str]:
+    params = psycopg.conninfo.conninfo_to_dict(settings.database_url(WAREHOUSE_CONN_ID))
+    env = dict(os.environ)
+    env.update(
+        DBT_HOST=params.get("host", "127.0.0.1"),
+        DBT_PORT=str(params.get("port", 5432)),
+        DBT_USER=params.get("user", "postgres"),
+        DBT_PASSWORD=params.get("password", ""),
+        DBT_DBNAME=params.get("dbname", "warehouse"),
+    )
+    return env
+
+
+def build_manifest(settings: StackSettings) -> Path:
+    """`dbt parse` writes dbt/target/manifest.json, which Cosmos renders the DAG from."""
+    project = settings.root / "dbt"
+    manifest = project / "target" / "manifest.json"
+    sources = [p for p in project.rglob("*") if p.is_file() and not p.is_relative_to(project / "target")
+               and not p.is_relative_to(project / "logs")]  # fmt: skip
+    if manifest.exists() and all(p.stat().st_mtime <= manifest.stat().st_mtime for p in sources):
+        return manifest
+    dbt = Path(sys.executable).with_name("dbt")
+    result = subprocess.run(
+        [str(dbt), "parse", "--project-dir", str(project), "--profiles-dir", str(project)],
+        env=dbt_environment(settings), capture_output=True, text=True, cwd=project,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise StackError(f"`dbt parse` failed, so the transform DAG cannot be rendered:\n{result.stdout[-3000:]}")
+    return manifest
+
+
+def start_airflow(settings: StackSettings) -> airflow.AirflowClient:
+    if not airflow.running_components(settings):
+        airflow.migrate_database(settings)
+    airflow.start(settings)
+    client = airflow.wait_until_healthy(settings)
+    apply_pools_and_variables(client)
+    return client
+
+
+def apply_pools_and_variables(client: airflow.AirflowClient) -> None:
+    """The pools and variables of airflow_settings.yaml, as `astro dev start` would load them."""
+    declared = load_airflow_settings()
+    for pool in declared["pools"]:
+        body = {"name": pool["pool_name"], "slots": int(pool["pool_slot"]),
+                "description": pool.get("pool_description") or ""}  # fmt: skip
+        try:
+            client.patch(f"/api/v2/pools/{pool['pool_name']}", body)
+        except airflow.urllib.error.HTTPError as error:
+            if error.code != 404:
+                raise
+            client.post("/api/v2/pools", body)
+    for variable in declared["variables"]:
+        body = {"key": variable["variable_name"], "value": str(variable.get("variable_value") or "")}
+        try:
+            client.patch(f"/api/v2/variables/{variable['variable_name']}", body)
+        except airflow.urllib.error.HTTPError as error:
+            if error.code != 404:
+                raise
+            client.post("/api/v2/variables", body)
+
+
+@dataclass
+class PipelineRun:
+    """What one `make run` did, for the summary and for the end-to-end tests."""
+
+    ingest: dict[str, Any]
+    transform: dict[str, Any]
+    tables: dict[str, dict[str, Any]]
+    task_states: dict[str, Counter[str]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def trigger_pipeline(client: airflow.AirflowClient, timeout: float = 900) -> PipelineRun:
+    """Trigger ingestion by hand; the transform must follow from the Asset events alone."""
+    started = time.monotonic()
+    airflow.wait_for_dags(client, [INGEST_DAG, TRANSFORM_DAG])
+    known_transforms = {r["dag_run_id"] for r in airflow.dag_runs(client, TRANSFORM_DAG)}
+    run_id = f"make_run__{datetime.now(UTC):%Y%m%dT%H%M%S%f}"
+    client.post(f"/api/v2/dags/{INGEST_DAG}/dagRuns", {"dag_run_id": run_id, "logical_date": None})
+    ingest = airflow.wait_for_run(client, INGEST_DAG, run_id, timeout)
+    if ingest["state"] != "success":
+        raise StackError(f"Ingestion run {run_id} failed: {failed_tasks(client, INGEST_DAG, run_id)}")
+    transform = airflow.wait_for_new_run(
+        client, TRANSFORM_DAG, known_transforms, "asset_triggered", timeout - (time.monotonic() - started)
+    )
+    events = client.get(f"/api/v2/assets/events?source_dag_id={INGEST_DAG}&source_run_id={run_id}&limit=100")
+    tables = {event["uri"]: event.get("extra") or {} for event in events["asset_events"]}
+    run = PipelineRun(ingest=ingest, transform=transform, tables=tables, seconds=time.monotonic() - started)
+    for dag_id, dag_run in ((INGEST_DAG, ingest), (TRANSFORM_DAG, transform)):
+        run.task_states[dag_id] = Counter(
+            ti["state"] for ti in airflow.task_instances(client, dag_id, dag_run["dag_run_id"])
+        )
+    if transform["state"] != "success":
+        raise StackError(
+            f"The transform run {transform['dag_run_id']} failed: "
+            f"{failed_tasks(client, TRANSFORM_DAG, transform['dag_run_id'])}"
+        )
+    return run
+
+
+def failed_tasks(client: airflow.AirflowClient, dag_id: str, run_id: str) -> str:
+    failed = [
+        f"{ti['task_id']}" + (f"[{ti.get('rendered_map_index') or ti['map_index']}]" if ti["map_index"] >= 0 else "")
+        for ti in airflow.task_instances(client, dag_id, run_id)
+        if ti["state"] in ("failed", "upstream_failed")
+    ]
+    return ", ".join(failed) or "no failed task recorded"
+
+
+def transform_task_counts(client: airflow.AirflowClient, run_id: str) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+    for ti in airflow.task_instances(client, TRANSFORM_DAG, run_id):
+        kind = "tests" if ti["task_id"].endswith("_test") or ".test" in ti["task_id"] else "nodes"
+        counts[f"{kind}_{ti['state']}"] += 1
+    return dict(counts)
+
+
+def summary(settings: StackSettings, client: airflow.AirflowClient, run: PipelineRun, total_seconds: float) -> str:
+    counts = transform_task_counts(client, run.transform["dag_run_id"])
+    lines = ["", "Pipeline finished.", "  Tables copied into the warehouse:"]
+    for uri, extra in sorted(run.tables.items()):
+        table = "/".join(uri.split("/")[-2:]).replace("/", ".")
+        lines.append(
+            f"    {table:<24} {extra.get('mode', ''):<12} read {extra.get('rows_read', '?'):>8}  "
+            f"+{extra.get('rows_inserted', '?')} ~{extra.get('rows_updated', '?')} -{extra.get('rows_deleted', '?')}"
+            f"  validation {'ok' if extra.get('validation_match') else extra.get('validation_match')}"
+        )
+    lines += [
+        f"  dbt (run {run.transform['dag_run_id']}, triggered by the raw tables' Asset events):",
+        f"    nodes run: {counts.get('nodes_success', 0)} succeeded, {counts.get('nodes_failed', 0)} failed",
+        f"    tests:     {counts.get('tests_success', 0)} passed, {counts.get('tests_failed', 0)} failed",
+        f"  Time: {total_seconds:.0f} s in all, {run.seconds:.0f} s from trigger to transformed marts.",
+        f"  Airflow UI: {settings.api_url}  (login: {airflow.ADMIN_USER} / {airflow.admin_password(settings)})",
+        "  Stop everything with `make stop`; `make tick` changes the source, `make run` copies it again.",
+    ]
+    return "\n".join(lines)
+
+
+def run(settings: StackSettings) -> str:
+    started = time.monotonic()
+    with exclusive(settings):
+        start_databases(settings)
+        generated = ensure_demo_data(settings)
+        if generated:
+            logger.info("generated demo source data: %s", generated)
+        build_manifest(settings)
+        client = start_airflow(settings)
+    pipeline = trigger_pipeline(client)
+    return summary(settings, client, pipeline, time.monotonic() - started)
+
+
+def up(settings: StackSettings) -> airflow.AirflowClient:
+    with exclusive(settings):
+        start_databases(settings)
+        ensure_demo_data(settings)
+        build_manifest(settings)
+        return start_airflow(settings)
+
+
+def stop(settings: StackSettings) -> list[str]:
+    with exclusive(settings):
+        stopped = airflow.stop(settings)
+        server = embedded_postgres(settings)
+        if server.is_running():
+            server.stop()
+            stopped.append("embedded PostgreSQL")
+    return stopped

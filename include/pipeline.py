@@ -1,0 +1,94 @@
+"""What the DAGs share: the raw tables' Assets, database DSNs from Airflow connections, and checks.
+
+Nothing here touches a database or the Airflow metadata at import time: DAG files import this
+module on every parse.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+TABLES_CONFIG = PROJECT_ROOT / "include" / "config" / "tables.yml"
+SETTINGS_FILE = PROJECT_ROOT / "airflow_settings.yaml"
+
+SOURCE_CONN_ID = "source_postgres"
+WAREHOUSE_CONN_ID = "warehouse_postgres"
+SOURCE_POOL = "source_postgres"
+
+
+class ConnectionProblem(RuntimeError):
+    """A database behind an Airflow connection cannot be used; the message says how to fix it."""
+
+
+@cache
+def warehouse_location() -> tuple[str, int, str]:
+    """Host, port and database of the warehouse, for Asset URIs, read without a metadata lookup.
+
+    The environment's connection URI wins (the local runner, Astro Deployment variables);
+    otherwise airflow_settings.yaml, which `astro dev start` loads.
+    """
+    uri = os.environ.get("AIRFLOW_CONN_WAREHOUSE_POSTGRES")
+    if uri and "://" in uri:
+        parts = urlsplit(uri)
+        return parts.hostname or "localhost", parts.port or 5432, parts.path.lstrip("/")
+    with SETTINGS_FILE.open() as handle:
+        connections = yaml.safe_load(handle)["airflow"]["connections"]
+    conn = next(c for c in connections if c["conn_id"] == WAREHOUSE_CONN_ID)
+    return conn["conn_host"], int(conn["conn_port"]), conn["conn_schema"]
+
+
+def raw_table_uri(target_table: str) -> str:
+    """`postgres://host:port/database/schema/table` for a warehouse table `schema.table`."""
+    host, port, database = warehouse_location()
+    schema, _, table = target_table.rpartition(".")
+    return f"postgres://{host}:{port}/{database}/{schema or 'public'}/{table}"
+
+
+def raw_table_asset(target_table: str):  # -> airflow.sdk.Asset
+    """The Asset of a raw table; the ingestion DAG emits it and the transform DAG is scheduled on it."""
+    from airflow.sdk import Asset
+
+    return Asset(uri=raw_table_uri(target_table))
+
+
+def database_dsn(conn_id: str) -> str:
+    """A libpq DSN for an Airflow connection (at task run time only)."""
+    from airflow.sdk import BaseHook
+    from psycopg.conninfo import make_conninfo
+
+    conn = BaseHook.get_connection(conn_id)
+    params = {
+        "host": conn.host,
+        "port": conn.port,
+        "dbname": conn.schema,
+        "user": conn.login,
+        "password": conn.password,
+        "application_name": f"airflow:{conn_id}",
+    }
+    return make_conninfo(**{k: v for k, v in params.items() if v not in (None, "")})
+
+
+def check_database(conn_id: str, dsn: str) -> str:
+    """Connect once; on failure raise one message naming the connection and how to fix it."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = conninfo_to_dict(dsn)
+    where = f"{params.get('user', '')}@{params.get('host', '')}:{params.get('port', 5432)}/{params.get('dbname', '')}"
+    try:
+        with psycopg.connect(dsn, connect_timeout=10) as conn:
+            version = conn.info.server_version
+    except psycopg.OperationalError as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise ConnectionProblem(
+            f"Airflow connection '{conn_id}' ({where}) cannot be reached: {reason}. "
+            f"Fix host, port, database or login of '{conn_id}' in airflow_settings.yaml "
+            f"(or AIRFLOW_CONN_{conn_id.upper()}), and check that the server is running."
+        ) from None
+    return f"{conn_id}: {where} (PostgreSQL {version // 10000}.{version % 10000})"

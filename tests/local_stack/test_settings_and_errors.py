@@ -1,0 +1,66 @@
+"""The local stack's own behaviour on bad input: clear messages, no second copy of anything."""
+
+from __future__ import annotations
+
+import pytest
+
+from include.local_stack import runner
+from include.local_stack.airflow import airflow_connection_uri
+from include.local_stack.postgres import free_port
+from include.local_stack.settings import StackSettings, load_airflow_settings, mask_password
+from include.pipeline import ConnectionProblem, check_database
+
+
+def test_airflow_settings_define_both_connections_and_the_source_pool():
+    declared = load_airflow_settings()
+    assert {c["conn_id"] for c in declared["connections"]} == {"source_postgres", "warehouse_postgres"}
+    assert [p["pool_name"] for p in declared["pools"]] == ["source_postgres"]
+
+
+def test_passwords_are_masked_and_survive_the_connection_uri():
+    dsn = "postgresql://loader:s3cr%2Ft@db.example:6543/warehouse"
+    assert "s3cr" not in mask_password(dsn)
+    assert "***" in mask_password(dsn)
+    assert airflow_connection_uri(dsn) == "postgres://loader:s3cr%2Ft@db.example:6543/warehouse"
+
+
+def test_unreachable_warehouse_url_names_the_connection_and_the_fix(tmp_path):
+    port = free_port()
+    settings = StackSettings(
+        data_dir=tmp_path / "data",
+        postgres_port=free_port(),
+        warehouse_url=f"postgresql://loader:hunter2@127.0.0.1:{port}/warehouse",
+    )
+    try:
+        with pytest.raises(runner.StackError) as raised:
+            runner.start_databases(settings)
+    finally:
+        runner.embedded_postgres(settings).stop()
+    message = str(raised.value)
+    assert "warehouse_postgres" in message and "WAREHOUSE_DATABASE_URL" in message
+    assert f"127.0.0.1 port={port}" in message or f":{port}" in message
+    assert "hunter2" not in message
+
+
+def test_check_database_names_the_connection_and_how_to_fix_it():
+    port = free_port()
+    with pytest.raises(ConnectionProblem) as raised:
+        check_database("source_postgres", f"host=127.0.0.1 port={port} dbname=source user=u password=pw")
+    message = str(raised.value)
+    assert message.startswith(f"Airflow connection 'source_postgres' (u@127.0.0.1:{port}/source) cannot be reached")
+    assert "airflow_settings.yaml" in message and "pw" not in message.replace("password", "")
+
+
+def test_check_database_reports_the_server_version(pg15):
+    assert check_database("warehouse_postgres", pg15.admin_dsn).startswith("warehouse_postgres: ")
+    assert "(PostgreSQL 15." in check_database("warehouse_postgres", pg15.admin_dsn)
+
+
+def test_a_second_run_on_the_same_folder_is_refused_while_the_first_holds_the_lock(tmp_path):
+    settings = StackSettings(data_dir=tmp_path / "data")
+    with runner.exclusive(settings):
+        with pytest.raises(runner.StackError, match="Another `make run` or `make stop`"):
+            with runner.exclusive(settings):
+                pass
+    with runner.exclusive(settings):  # released afterwards
+        pass
