@@ -1,0 +1,50 @@
+"""Exact, crash-safe, incremental PostgreSQL-to-PostgreSQL table sync at COPY speed.
+
+    from include.copy_engine import load_config, sync_table
+    config = load_config("include/config/tables.yml")
+    report = sync_table(source_dsn, target_dsn, config.table("stock_master"))
+
+See docs/copy_engine.md for the modes, the configuration format and the report.
+"""
+
+from __future__ import annotations
+
+from ._config import EngineConfig, TableConfig, load_config, parse_config
+from ._connect import mask_dsn
+from ._errors import (
+    ConcurrentRunError,
+    ConfigError,
+    ConnectionFailedError,
+    CopyEngineError,
+    MissingPrimaryKeyError,
+    SchemaConflictError,
+    SourceError,
+    TerminalError,
+    TransientError,
+    ValidationMismatchError,
+)
+from ._report import RangeDifference, SyncReport, ValidationResult
+from ._sync import sync_table, validate_table
+
+__all__ = [
+    "ConcurrentRunError",
+    "ConfigError",
+    "ConnectionFailedError",
+    "CopyEngineError",
+    "EngineConfig",
+    "MissingPrimaryKeyError",
+    "RangeDifference",
+    "SchemaConflictError",
+    "SourceError",
+    "SyncReport",
+    "TableConfig",
+    "TerminalError",
+    "TransientError",
+    "ValidationMismatchError",
+    "ValidationResult",
+    "load_config",
+    "mask_dsn",
+    "parse_config",
+    "sync_table",
+    "validate_table",
+]

@@ -1,0 +1,66 @@
+"""The package's exceptions: one base, split into transient (retry) and terminal (fix something)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._report import SyncReport
+
+
+class CopyEngineError(Exception):
+    """Base of every error the copy engine raises; `table` names the table it concerns."""
+
+    transient = False
+
+    def __init__(self, message: str, *, table: str | None = None) -> None:
+        self.table = table
+        self.message = message
+        self.report: SyncReport | None = None
+        super().__init__(f"{table}: {message}" if table else message)
+
+
+class TransientError(CopyEngineError):
+    """A failure that may pass on its own (dropped connection, serialization failure, lock timeout)."""
+
+    transient = True
+
+
+class TerminalError(CopyEngineError):
+    """A failure that repeats until someone fixes the configuration, the source or the target."""
+
+
+class ConfigError(TerminalError):
+    """The configuration file or a table's settings are invalid."""
+
+
+class SourceError(TerminalError):
+    """The source table or the custom SQL cannot be read (missing table, unknown column, bad SQL)."""
+
+
+class MissingPrimaryKeyError(TerminalError):
+    """An incremental table, delete detection or validation needs a primary key and none is known."""
+
+
+class SchemaConflictError(TerminalError):
+    """The target cannot take the source's shape, such as a column type change that is not a widening."""
+
+
+class ConnectionFailedError(TransientError):
+    """A server could not be reached or the connection dropped."""
+
+
+class ConcurrentRunError(TransientError):
+    """Another run holds the target table's lock for longer than this run is willing to wait."""
+
+    def __init__(self, message: str, *, table: str | None = None, waited_s: float = 0.0) -> None:
+        super().__init__(message, table=table)
+        self.waited_s = waited_s
+
+
+class ValidationMismatchError(TerminalError):
+    """The sync finished but the target's rows differ from the source's."""
+
+    def __init__(self, message: str, *, table: str | None = None, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message, table=table)
+        self.details = details or {}

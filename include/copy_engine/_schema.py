@@ -1,0 +1,384 @@
+"""Read the source's exact column types; create and evolve the target table to match.
+
+Type names come from `format_type()` with an empty search_path, so built-in types read as
+`numeric(18,6)` and user-defined ones come schema-qualified and quoted by the server itself; they
+are catalog output, not user input, and are composed as SQL fragments for that reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import sql
+
+from ._errors import MissingPrimaryKeyError, SchemaConflictError, SourceError
+
+logger = logging.getLogger(__name__)
+
+SOFT_DELETE_COLUMN = "_deleted_at"
+
+_COLUMNS_SQL = """
+select a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid::int, a.attnotnull,
+       coalesce(base.typtype::text, t.typtype::text), coalesce(base_ns.nspname, ns.nspname), t.typcategory::text
+from pg_attribute as a
+join pg_type as t on t.oid = a.atttypid
+join pg_namespace as ns on ns.oid = t.typnamespace
+left join pg_type as base on t.typcategory = 'A' and base.oid = t.typelem
+left join pg_namespace as base_ns on base_ns.oid = base.typnamespace
+where a.attrelid = %s and a.attnum > 0 and not a.attisdropped
+order by a.attnum
+"""
+
+_RELATION_SQL = """
+select c.oid::int from pg_class as c join pg_namespace as n on n.oid = c.relnamespace
+where n.nspname = %s and c.relname = %s and c.relkind in ('r', 'p', 'v', 'm', 'f')
+"""
+
+_PRIMARY_KEY_SQL = """
+select a.attname
+from pg_index as i
+join lateral unnest(i.indkey) with ordinality as k(attnum, position) on true
+join pg_attribute as a on a.attrelid = i.indrelid and a.attnum = k.attnum
+where i.indrelid = %s and i.indisprimary
+order by k.position
+"""
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type_sql: str
+    type_oid: int
+    not_null: bool
+    # Binary COPY carries type OIDs inside arrays and composites, which differ between databases.
+    binary_safe: bool
+
+    @property
+    def user_defined(self) -> bool:
+        return not self.binary_safe
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The columns of a source (table or custom select) and its primary key."""
+
+    columns: list[Column]
+    primary_key: tuple[str, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [column.name for column in self.columns]
+
+    def column(self, name: str) -> Column | None:
+        return next((column for column in self.columns if column.name == name), None)
+
+
+@dataclass
+class TargetPlan:
+    """What the target looks like after `prepare_target`: the columns COPY writes and its format."""
+
+    columns: list[str]
+    extra_columns: list[str]
+    binary: bool
+    changes: list[str] = field(default_factory=list)
+    existed: bool = True
+
+
+def relation_oid(conn: psycopg.Connection, schema: str, name: str) -> int | None:
+    row = conn.execute(_RELATION_SQL, (schema, name)).fetchone()
+    return int(row[0]) if row else None
+
+
+def _read_columns(conn: psycopg.Connection, oid: int) -> list[Column]:
+    conn.execute("select set_config('search_path', '', true)")
+    rows = conn.execute(_COLUMNS_SQL, (oid,)).fetchall()
+    columns = []
+    for name, type_sql, type_oid, not_null, typtype, nspname, category in rows:
+        builtin = nspname == "pg_catalog"
+        scalar_user = typtype in ("e", "d") and category != "A"
+        binary_safe = (builtin and typtype != "c") or scalar_user
+        columns.append(Column(name, type_sql, type_oid, bool(not_null), binary_safe))
+    return columns
+
+
+def read_primary_key(conn: psycopg.Connection, oid: int) -> tuple[str, ...]:
+    return tuple(row[0] for row in conn.execute(_PRIMARY_KEY_SQL, (oid,)).fetchall())
+
+
+def describe_source(
+    conn: psycopg.Connection,
+    *,
+    table: str,
+    schema_name: str,
+    relation: str,
+    select: sql.Composable | None,
+    primary_key: tuple[str, ...] | None,
+) -> Shape:
+    """The source's columns and key, read in a short transaction that is rolled back."""
+    with conn.transaction(force_rollback=True):
+        oid = relation_oid(conn, schema_name, relation)
+        if select is None:
+            if oid is None:
+                raise SourceError(
+                    f"source table {schema_name}.{relation} does not exist; check `source` in the configuration",
+                    table=table,
+                )
+            columns = _read_columns(conn, oid)
+        else:
+            # A temporary view gives the custom select's exact result types, typmods included.
+            try:
+                with conn.transaction():
+                    conn.execute(sql.SQL("create temporary view _copy_engine_shape as {}").format(select))
+            except psycopg.Error as error:
+                message = (str(error).strip().splitlines() or [""])[0]
+                raise SourceError(
+                    f"the custom select/where does not run on the source: {message}; fix it in the configuration",
+                    table=table,
+                ) from error
+            view_oid = conn.execute("select 'pg_temp._copy_engine_shape'::regclass::oid::int").fetchone()
+            assert view_oid is not None
+            columns = _read_columns(conn, int(view_oid[0]))
+        key = primary_key or (read_primary_key(conn, oid) if oid is not None else ())
+    names = {column.name for column in columns}
+    missing = [name for name in key if name not in names]
+    if missing:
+        raise SourceError(
+            f"primary key column(s) {', '.join(missing)} are not among the source columns "
+            f"({', '.join(sorted(names))}); fix primary_key or the custom select",
+            table=table,
+        )
+    return Shape(columns=columns, primary_key=tuple(key))
+
+
+# --- user-defined types -------------------------------------------------------------------------
+
+_TYPE_SQL = """
+select t.oid::int, n.nspname, t.typname, t.typtype::text, t.typcategory::text, t.typelem::int,
+       t.typbasetype::int, format_type(t.typbasetype, t.typtypmod), t.typnotnull,
+       coalesce(r.rngsubtype, 0)::int, format_type(r.rngsubtype, null), t.typrelid::int
+from pg_type as t
+join pg_namespace as n on n.oid = t.typnamespace
+left join pg_range as r on r.rngtypid = t.oid
+where t.oid = %s
+"""
+
+
+@dataclass(frozen=True)
+class UserType:
+    oid: int
+    schema: str
+    name: str
+    kind: str
+    definition: sql.Composable
+    enum_labels: tuple[str, ...] = ()
+
+
+def user_types(conn: psycopg.Connection, columns: list[Column], *, table: str) -> list[UserType]:
+    """User-defined types the columns need, dependencies first."""
+    ordered: list[UserType] = []
+    seen: set[int] = set()
+
+    def visit(oid: int) -> None:
+        if oid in seen or oid == 0:
+            return
+        seen.add(oid)
+        row = conn.execute(_TYPE_SQL, (oid,)).fetchone()
+        assert row is not None
+        (_, nsp, name, typtype, category, elem, base, base_sql, notnull, subtype, subtype_sql, relid) = row
+        if category == "A" and elem:
+            visit(elem)
+            return
+        if nsp in ("pg_catalog", "information_schema"):
+            return
+        qualified = sql.Identifier(nsp, name)
+        if typtype == "e":
+            labels = tuple(r[0] for r in conn.execute(
+                "select enumlabel from pg_enum where enumtypid = %s order by enumsortorder", (oid,)))
+            definition = sql.SQL("create type {} as enum ({})").format(
+                qualified, sql.SQL(", ").join(sql.Literal(label) for label in labels))
+            ordered.append(UserType(oid, nsp, name, "enum", definition, labels))
+        elif typtype == "d":
+            visit(base)
+            checks = [r[0] for r in conn.execute(
+                "select pg_get_constraintdef(oid) from pg_constraint where contypid = %s and contype = 'c' "
+                "order by conname", (oid,))]
+            parts = [sql.SQL("create domain {} as {}").format(qualified, sql.SQL(base_sql))]
+            if notnull:
+                parts.append(sql.SQL("not null"))
+            parts.extend(sql.SQL(check) for check in checks)
+            ordered.append(UserType(oid, nsp, name, "domain", sql.SQL(" ").join(parts)))
+        elif typtype == "r":
+            visit(subtype)
+            definition = sql.SQL("create type {} as range (subtype = {})").format(qualified, sql.SQL(subtype_sql))
+            ordered.append(UserType(oid, nsp, name, "range", definition))
+        elif typtype == "c":
+            attributes = _read_columns(conn, relid)
+            for attribute in attributes:
+                visit(attribute.type_oid)
+            definition = sql.SQL("create type {} as ({})").format(qualified, sql.SQL(", ").join(
+                sql.SQL("{} {}").format(sql.Identifier(a.name), sql.SQL(a.type_sql)) for a in attributes))
+            ordered.append(UserType(oid, nsp, name, "composite", definition))
+        else:
+            raise SchemaConflictError(
+                f"column type {nsp}.{name} comes from an extension; install that extension in the target "
+                "database first",
+                table=table,
+            )
+
+    conn.execute("select set_config('search_path', '', true)")
+    for column in columns:
+        visit(column.type_oid)
+    return ordered
+
+
+def ensure_types(conn: psycopg.Connection, types: list[UserType]) -> list[str]:
+    """Create missing types in the target; add enum labels the target lacks. Returns the changes."""
+    changes: list[str] = []
+    for user_type in types:
+        conn.execute(sql.SQL("create schema if not exists {}").format(sql.Identifier(user_type.schema)))
+        exists = conn.execute(
+            "select t.oid::int from pg_type as t join pg_namespace as n on n.oid = t.typnamespace "
+            "where n.nspname = %s and t.typname = %s", (user_type.schema, user_type.name)).fetchone()
+        if exists is None:
+            conn.execute(user_type.definition)
+            changes.append(f"created {user_type.kind} type {user_type.schema}.{user_type.name}")
+            continue
+        if user_type.kind == "enum":
+            present = {r[0] for r in conn.execute(
+                "select enumlabel from pg_enum where enumtypid = %s", (exists[0],))}
+            for label in user_type.enum_labels:
+                if label not in present:
+                    conn.execute(sql.SQL("alter type {} add value {}").format(
+                        sql.Identifier(user_type.schema, user_type.name), sql.Literal(label)))
+                    changes.append(f"added value {label!r} to enum {user_type.schema}.{user_type.name}")
+    return changes
+
+
+# --- target table and drift ---------------------------------------------------------------------
+
+_INTEGER_RANK = {"smallint": 1, "integer": 2, "bigint": 3}
+_NUMERIC = re.compile(r"^numeric(?:\((\d+),(\d+)\))?$")
+_VARCHAR = re.compile(r"^character varying(?:\((\d+)\))?$")
+_VARBIT = re.compile(r"^bit varying(?:\((\d+)\))?$")
+
+
+def is_safe_widening(old: str, new: str) -> bool:
+    """True when every value of type `old` is exactly representable in `new`."""
+    if old == new:
+        return True
+    if old in _INTEGER_RANK and (new in _INTEGER_RANK and _INTEGER_RANK[new] > _INTEGER_RANK[old]):
+        return True
+    if old in _INTEGER_RANK and new == "numeric":
+        return True
+    if old == "real" and new == "double precision":
+        return True
+    old_num, new_num = _NUMERIC.match(old), _NUMERIC.match(new)
+    if old_num and new_num:
+        if new_num.group(1) is None:
+            return True
+        if old_num.group(1) is None:
+            return False
+        old_p, old_s, new_p, new_s = (int(x) for x in (*old_num.groups(), *new_num.groups()))
+        return new_s >= old_s and new_p - new_s >= old_p - old_s
+    for pattern in (_VARCHAR, _VARBIT):
+        old_match, new_match = pattern.match(old), pattern.match(new)
+        if old_match and new_match:
+            return new_match.group(1) is None or (
+                old_match.group(1) is not None and int(new_match.group(1)) >= int(old_match.group(1)))
+    return bool(_VARCHAR.match(old)) and new == "text"
+
+
+def prepare_target(
+    conn: psycopg.Connection,
+    shape: Shape,
+    *,
+    table: str,
+    schema_name: str,
+    relation: str,
+    soft_delete: bool,
+    need_key: bool,
+) -> TargetPlan:
+    """Create the target table or bring it in line with the source; runs in the data transaction."""
+    conn.execute(sql.SQL("create schema if not exists {}").format(sql.Identifier(schema_name)))
+    target = sql.Identifier(schema_name, relation)
+    oid = relation_oid(conn, schema_name, relation)
+    changes: list[str] = []
+    if oid is None:
+        definitions = [
+            sql.SQL("{} {}{}").format(sql.Identifier(c.name), sql.SQL(c.type_sql),
+                                      sql.SQL(" not null") if c.not_null else sql.SQL(""))
+            for c in shape.columns
+        ]
+        if soft_delete:
+            definitions.append(sql.SQL("{} timestamptz").format(sql.Identifier(SOFT_DELETE_COLUMN)))
+        if shape.primary_key:
+            definitions.append(sql.SQL("primary key ({})").format(
+                sql.SQL(", ").join(sql.Identifier(name) for name in shape.primary_key)))
+        conn.execute(sql.SQL("create table {} ({})").format(target, sql.SQL(", ").join(definitions)))
+        changes.append(f"created table {schema_name}.{relation}")
+        logger.info("%s: created target table %s.%s", table, schema_name, relation)
+        return TargetPlan(shape.names, [SOFT_DELETE_COLUMN] if soft_delete else [],
+                          all(c.binary_safe for c in shape.columns), changes, existed=False)
+
+    existing = {column.name: column for column in _read_columns(conn, oid)}
+    binary = True
+    for column in shape.columns:
+        current = existing.get(column.name)
+        if current is None:
+            conn.execute(sql.SQL("alter table {} add column {} {}").format(
+                target, sql.Identifier(column.name), sql.SQL(column.type_sql)))
+            changes.append(f"added column {column.name} {column.type_sql}")
+        elif current.type_sql != column.type_sql:
+            if is_safe_widening(column.type_sql, current.type_sql):
+                binary = False  # the target is already wider: text COPY converts
+            elif is_safe_widening(current.type_sql, column.type_sql):
+                conn.execute(sql.SQL("alter table {} alter column {} type {}").format(
+                    target, sql.Identifier(column.name), sql.SQL(column.type_sql)))
+                changes.append(f"widened column {column.name} from {current.type_sql} to {column.type_sql}")
+            else:
+                raise SchemaConflictError(
+                    f"column {column.name} is {current.type_sql} in the target {schema_name}.{relation} but "
+                    f"{column.type_sql} in the source, which is not a safe widening; change the target column "
+                    "by hand or drop the target table to reload it",
+                    table=table,
+                )
+        if not column.binary_safe:
+            binary = False
+    source_names = set(shape.names)
+    extra: list[str] = []
+    for name, current in existing.items():
+        if name in source_names:
+            continue
+        if name == SOFT_DELETE_COLUMN and soft_delete:
+            extra.append(name)
+            continue
+        if current.not_null:
+            conn.execute(sql.SQL("alter table {} alter column {} drop not null").format(
+                target, sql.Identifier(name)))
+        changes.append(f"column {name} is no longer in the source: kept in the target, filled with NULL")
+        extra.append(name)
+    if soft_delete and SOFT_DELETE_COLUMN not in existing:
+        conn.execute(sql.SQL("alter table {} add column {} timestamptz").format(
+            target, sql.Identifier(SOFT_DELETE_COLUMN)))
+        changes.append(f"added column {SOFT_DELETE_COLUMN} timestamptz for soft deletes")
+        extra.append(SOFT_DELETE_COLUMN)
+    target_key = read_primary_key(conn, oid)
+    if shape.primary_key and not target_key:
+        conn.execute(sql.SQL("alter table {} add primary key ({})").format(
+            target, sql.SQL(", ").join(sql.Identifier(name) for name in shape.primary_key)))
+        changes.append(f"added primary key ({', '.join(shape.primary_key)})")
+    elif shape.primary_key and target_key != shape.primary_key:
+        raise SchemaConflictError(
+            f"the target's primary key ({', '.join(target_key)}) differs from the source's "
+            f"({', '.join(shape.primary_key)}); align primary_key in the configuration",
+            table=table,
+        )
+    if need_key and not shape.primary_key:
+        raise MissingPrimaryKeyError(
+            "the source has no primary key; set primary_key in the configuration", table=table)
+    for change in changes:
+        logger.info("%s: schema change: %s", table, change)
+    return TargetPlan(shape.names, extra, binary, changes, existed=True)

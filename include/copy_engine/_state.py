@@ -1,0 +1,118 @@
+"""The engine's own tables in the warehouse: per-table state (the watermark) and the run audit."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from ._report import SyncReport
+
+logger = logging.getLogger(__name__)
+
+STATE_SCHEMA = "_copy_engine"
+
+_CREATE = [
+    sql.SQL("create schema if not exists {}").format(sql.Identifier(STATE_SCHEMA)),
+    sql.SQL(
+        """create table if not exists {} (
+            target_table text primary key,
+            table_name text not null,
+            source text not null,
+            mode text not null,
+            cursor_column text,
+            watermark text,
+            last_rows_read bigint not null default 0,
+            synced_at timestamptz not null default now()
+        )"""
+    ).format(sql.Identifier(STATE_SCHEMA, "sync_state")),
+    sql.SQL(
+        """create table if not exists {} (
+            run_id bigint generated always as identity primary key,
+            table_name text not null,
+            source text not null,
+            target_table text not null,
+            mode text not null,
+            status text not null check (status in ('success', 'failed')),
+            started_at timestamptz not null,
+            finished_at timestamptz not null,
+            rows_read bigint not null,
+            rows_inserted bigint not null,
+            rows_updated bigint not null,
+            rows_deleted bigint not null,
+            bytes bigint not null,
+            duration_s double precision not null,
+            watermark_before text,
+            watermark_after text,
+            validation_match boolean,
+            schema_changes jsonb not null default '[]',
+            attempts integer not null,
+            error text,
+            report jsonb not null
+        )"""
+    ).format(sql.Identifier(STATE_SCHEMA, "sync_runs")),
+]
+
+# Serialises the `create ... if not exists` of concurrent first runs, which can otherwise collide.
+_SETUP_LOCK_KEY = "copy_engine:setup"
+
+
+def ensure_state_tables(conn: psycopg.Connection) -> None:
+    """Create the state schema and tables if missing, in a committed transaction of their own."""
+    with conn.transaction():
+        exists = conn.execute(
+            "select to_regclass('_copy_engine.sync_runs') is not null and "
+            "to_regclass('_copy_engine.sync_state') is not null").fetchone()
+        if exists and exists[0]:
+            return
+        conn.execute("select pg_advisory_xact_lock(hashtextextended(%s, 0))", (_SETUP_LOCK_KEY,))
+        for statement in _CREATE:
+            conn.execute(statement)
+
+
+def read_watermark(conn: psycopg.Connection, target: str) -> str | None:
+    row = conn.execute(
+        sql.SQL("select watermark from {} where target_table = %s").format(
+            sql.Identifier(STATE_SCHEMA, "sync_state")), (target,)).fetchone()
+    return None if row is None else row[0]
+
+
+def write_state(conn: psycopg.Connection, report: SyncReport, cursor_column: str | None) -> None:
+    """Record the watermark; called inside the data transaction so both commit or neither."""
+    conn.execute(
+        sql.SQL(
+            """insert into {} as s (target_table, table_name, source, mode, cursor_column, watermark,
+                                    last_rows_read, synced_at)
+               values (%s, %s, %s, %s, %s, %s, %s, now())
+               on conflict (target_table) do update set
+                   table_name = excluded.table_name, source = excluded.source, mode = excluded.mode,
+                   cursor_column = excluded.cursor_column, watermark = excluded.watermark,
+                   last_rows_read = excluded.last_rows_read, synced_at = excluded.synced_at"""
+        ).format(sql.Identifier(STATE_SCHEMA, "sync_state")),
+        (report.target, report.table, report.source, report.mode, cursor_column, report.watermark_after,
+         report.rows_read),
+    )
+
+
+def record_run(conn: psycopg.Connection, report: SyncReport) -> None:
+    """Append the run to `_copy_engine.sync_runs` (its own transaction)."""
+    data: dict[str, Any] = report.to_dict()
+    with conn.transaction():
+        conn.execute(
+            sql.SQL(
+                """insert into {} (table_name, source, target_table, mode, status, started_at, finished_at,
+                       rows_read, rows_inserted, rows_updated, rows_deleted, bytes, duration_s,
+                       watermark_before, watermark_after, validation_match, schema_changes, attempts, error,
+                       report)
+                   values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"""
+            ).format(sql.Identifier(STATE_SCHEMA, "sync_runs")),
+            (report.table, report.source, report.target, report.mode, report.status, report.started_at,
+             report.finished_at, report.rows_read, report.rows_inserted, report.rows_updated,
+             report.rows_deleted, report.bytes, report.duration_s, report.watermark_before,
+             report.watermark_after, report.validation.match, Jsonb(report.schema_changes), report.attempts,
+             report.error, Jsonb(json.loads(json.dumps(data)))),
+        )

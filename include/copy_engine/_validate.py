@@ -1,0 +1,147 @@
+"""Validation: row counts and checksums per primary-key range, computed inside each database.
+
+Each side hashes every row's text form (`md5(row(...)::text)`) and sums the first 64 bits per
+range; only (range, count, sum) travel to Python. Both sessions use the same output settings
+(see `_connect.SESSION_OPTIONS`), so identical values give identical text.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from ._report import RangeDifference, ValidationResult
+from ._schema import Shape
+
+logger = logging.getLogger(__name__)
+
+_INTEGER_TYPES = ("smallint", "integer", "bigint")
+_MAX_KEYS_PER_RANGE = 200_000
+_MAX_DIFFERING_KEYS = 20
+
+
+@dataclass(frozen=True)
+class RowSet:
+    """A query over one side: the rows to compare, as a subquery composable."""
+
+    query: sql.Composable
+
+
+def _row_hash(columns: list[str]) -> sql.Composable:
+    return sql.SQL("md5(row({})::text)").format(sql.SQL(", ").join(sql.Identifier(c) for c in columns))
+
+
+def _boundaries(conn: psycopg.Connection, rows: RowSet, key: str, key_type: str, ranges: int) -> list[str]:
+    """Range boundaries on the first key column, as text, ascending."""
+    if ranges <= 1:
+        return []
+    column = sql.Identifier(key)
+    if key_type in _INTEGER_TYPES:
+        row = conn.execute(sql.SQL("select min({0}), max({0}) from {1} as _rows").format(column, rows.query)
+                           ).fetchone()
+        if row is None or row[0] is None:
+            return []
+        low, high = int(row[0]), int(row[1])
+        step = max(1, (high - low + 1) // ranges)
+        return [str(low + step * index) for index in range(1, ranges) if low + step * index <= high]
+    fractions = [index / ranges for index in range(1, ranges)]
+    row = conn.execute(
+        sql.SQL("select (percentile_disc(%s::float8[]) within group (order by {}))::text[] from {} as _rows")
+        .format(column, rows.query), (fractions,)).fetchone()
+    values: list[str] = [] if row is None or row[0] is None else list(row[0])
+    deduplicated: list[str] = []
+    for value in values:
+        if not deduplicated or deduplicated[-1] != value:
+            deduplicated.append(value)
+    return deduplicated
+
+
+def _bucket_expression(key: str, key_type: str) -> sql.Composable:
+    return sql.SQL("width_bucket({}, %(bounds)s::text[]::{}[])").format(sql.Identifier(key), sql.SQL(key_type))
+
+
+def _range_sums(conn: psycopg.Connection, rows: RowSet, columns: list[str], bucket: sql.Composable,
+                bounds: list[str]) -> dict[int | None, tuple[int, int]]:
+    query = sql.SQL(
+        "select {bucket} as bucket, count(*), "
+        "coalesce(sum(('x' || left({hash}, 16))::bit(64)::bigint::numeric), 0) from {rows} as _rows group by 1"
+    ).format(bucket=bucket, hash=_row_hash(columns), rows=rows.query)
+    result: dict[int | None, tuple[int, int]] = {}
+    for number, count, checksum in conn.execute(query, {"bounds": bounds}).fetchall():
+        result[number] = (int(count), int(checksum))
+    return result
+
+
+def _key_hashes(conn: psycopg.Connection, rows: RowSet, columns: list[str], key: tuple[str, ...],
+                bucket: sql.Composable, bounds: list[str], number: int | None) -> dict[tuple[Any, ...], str]:
+    condition = sql.SQL("{} is null").format(bucket) if number is None else sql.SQL("{} = %(number)s").format(bucket)
+    query = sql.SQL("select {keys}, {hash} from {rows} as _rows where {condition} limit {limit}").format(
+        keys=sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(name)) for name in key),
+        hash=_row_hash(columns), rows=rows.query, condition=condition, limit=sql.Literal(_MAX_KEYS_PER_RANGE))
+    return {tuple(row[:-1]): row[-1] for row in conn.execute(query, {"bounds": bounds, "number": number})}
+
+
+def compare(
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    *,
+    source_rows: RowSet,
+    target_rows: RowSet,
+    shape: Shape,
+    ranges: int,
+    count_query: sql.Composable | None = None,
+) -> ValidationResult:
+    """Compare the two row sets; `source` may already be inside the sync's snapshot."""
+    started = time.monotonic()
+    columns = shape.names
+    key = shape.primary_key
+    key_column = shape.column(key[0]) if key else None
+    if key_column is not None:
+        bounds = _boundaries(source, source_rows, key_column.name, key_column.type_sql, ranges)
+        bucket = _bucket_expression(key_column.name, key_column.type_sql)
+    else:
+        bounds, bucket = [], sql.SQL("0")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        target_future = pool.submit(_range_sums, target, target_rows, columns, bucket, bounds)
+        source_sums = _range_sums(source, source_rows, columns, bucket, bounds)
+        target_sums = target_future.result()
+    source_total = sum(count for count, _ in source_sums.values())
+    target_total = sum(count for count, _ in target_sums.values())
+    if count_query is not None:
+        row = source.execute(count_query).fetchone()
+        source_total = int(row[0]) if row and row[0] is not None else 0
+    differing: list[RangeDifference] = []
+    numbers = sorted(set(source_sums) | set(target_sums), key=lambda n: (n is None, n or 0))
+    for number in numbers:
+        if source_sums.get(number) == target_sums.get(number):
+            continue
+        lower = bounds[number - 1] if isinstance(number, int) and 0 < number <= len(bounds) else None
+        upper = bounds[number] if isinstance(number, int) and number < len(bounds) else None
+        differing.append(RangeDifference(lower, upper, source_sums.get(number, (0, 0))[0],
+                                         target_sums.get(number, (0, 0))[0]))
+    differing_keys: list[list[str | None]] = []
+    if differing and key:
+        for number in [n for n in numbers if source_sums.get(n) != target_sums.get(n)][:3]:
+            left = _key_hashes(source, source_rows, columns, key, bucket, bounds, number)
+            right = _key_hashes(target, target_rows, columns, key, bucket, bounds, number)
+            for item in sorted(set(left) | set(right), key=lambda k: tuple(str(v) for v in k)):
+                if left.get(item) != right.get(item):
+                    differing_keys.append(list(item))
+                    if len(differing_keys) >= _MAX_DIFFERING_KEYS:
+                        break
+            if len(differing_keys) >= _MAX_DIFFERING_KEYS:
+                break
+    match = not differing and source_total == target_total
+    result = ValidationResult(
+        match=match, source_rows=source_total, target_rows=target_total, ranges_checked=len(numbers),
+        differing_ranges=differing, differing_keys=differing_keys, duration_s=round(time.monotonic() - started, 3))
+    if not match:
+        logger.warning("validation mismatch: %d range(s) differ, source %d rows, target %d rows, keys %s",
+                       len(differing), source_total, target_total, differing_keys[:5])
+    return result

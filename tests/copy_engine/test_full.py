@@ -1,0 +1,69 @@
+"""Full sync: the target ends identical to the source, atomically, with views and key intact."""
+
+from __future__ import annotations
+
+import json
+
+from include.copy_engine import TableConfig, sync_table
+
+STOCK_DDL = """
+create table public.stock_master (
+    security_id bigint primary key, isin char(12), ticker text, name_en text, name_ko text,
+    exchange_mic char(4), currency char(3), security_type text, status text, listing_date date,
+    created_at timestamptz, updated_at timestamptz
+)"""
+
+STOCK_ROWS = """
+insert into public.stock_master
+select i, lpad(i::text, 12, 'K'), 'T' || i, 'Name ' || i, '종목 ' || i, 'XKRX', 'KRW', 'equity', 'active',
+       date '2020-01-01' + i, timestamptz '2024-01-01 00:00+00' + i * interval '1 minute',
+       timestamptz '2024-06-01 00:00+00' + i * interval '1 minute'
+from generate_series(1, %s) as i"""
+
+
+def make_stock(pair, rows=100):
+    pair.run(pair.source, STOCK_DDL)
+    pair.run(pair.source, STOCK_ROWS, (rows,))
+
+
+def test_first_full_sync_creates_the_target_with_its_key(pair):
+    make_stock(pair, 100)
+    table = TableConfig(name="stock_master", source="public.stock_master")
+
+    report = sync_table(pair.source, pair.target, table)
+
+    assert report.status == "success"
+    assert (report.rows_read, report.rows_inserted, report.rows_updated, report.rows_deleted) == (100, 100, 0, 0)
+    assert report.validation.match is True
+    assert report.validation.source_rows == report.validation.target_rows == 100
+    assert "created table raw.stock_master" in report.schema_changes
+    query = "select * from {} order by security_id"
+    assert pair.rows(pair.target, query.format("raw.stock_master")) == pair.rows(
+        pair.source, query.format("public.stock_master"))
+    key = pair.rows(pair.target, "select a.attname from pg_index i join pg_attribute a on a.attrelid = i.indrelid "
+                    "and a.attnum = any(i.indkey) where i.indrelid = 'raw.stock_master'::regclass and i.indisprimary")
+    assert key == [("security_id",)]
+    data = report.to_dict()
+    json.dumps(data)
+    assert {"status", "table", "rows_read", "rows_inserted", "rows_updated", "rows_deleted", "duration_s"} <= set(data)
+    assert data["validation"]["match"] is True
+    assert report.summary().startswith("stock_master [full] success: read 100, inserted 100")
+
+
+def test_second_full_sync_replaces_rows_and_keeps_dependent_views(pair):
+    make_stock(pair, 50)
+    table = TableConfig(name="stock_master", source="public.stock_master")
+    sync_table(pair.source, pair.target, table)
+    pair.run(pair.target, "create view public.stg_stock as select security_id, ticker from raw.stock_master")
+    pair.run(pair.source, "delete from public.stock_master where security_id <= 10")
+    pair.run(pair.source, "update public.stock_master set ticker = 'CHANGED' where security_id = 20")
+    pair.run(pair.source, "insert into public.stock_master (security_id, ticker) values (1000, 'NEW')")
+
+    report = sync_table(pair.source, pair.target, table)
+
+    assert (report.rows_read, report.rows_inserted, report.rows_deleted) == (41, 41, 50)
+    assert pair.scalar(pair.target, "select count(*) from public.stg_stock") == 41
+    assert pair.scalar(pair.target, "select ticker from public.stg_stock where security_id = 20") == "CHANGED"
+    assert pair.scalar(pair.target, "select min(security_id) from raw.stock_master") == 11
+    assert pair.scalar(pair.target, "select count(*) from pg_constraint where conrelid = "
+                       "'raw.stock_master'::regclass and contype = 'p'") == 1
