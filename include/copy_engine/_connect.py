@@ -8,7 +8,7 @@ from typing import NoReturn
 import psycopg
 from psycopg import errors as pg_errors
 
-from ._errors import ConnectionFailedError, CopyEngineError, SourceError, TerminalError, TransientError
+from ._errors import ConnectionFailedError, ConnectionRejectedError, CopyEngineError, SourceError, TerminalError, TransientError
 
 # Text output of dates, intervals, floats and bytea depends on these; both ends use the same ones
 # so text COPY and the validation checksums are exact.
@@ -28,6 +28,9 @@ def mask_dsn(dsn: str) -> str:
     return re.sub(r"([?&]password=)[^&]*", r"\1***", masked)
 
 
+_REJECTED = ("does not exist", "authentication failed", "no pg_hba.conf entry", "permission denied")
+
+
 def connect(dsn: str, *, role: str, table: str | None, application_name: str = "copy_engine") -> psycopg.Connection:
     try:
         return psycopg.connect(
@@ -36,6 +39,12 @@ def connect(dsn: str, *, role: str, table: str | None, application_name: str = "
     except psycopg.OperationalError as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         reason = reason.replace(dsn, mask_dsn(dsn))
+        if any(marker in reason for marker in _REJECTED):
+            raise ConnectionRejectedError(
+                f"the {role} database {mask_dsn(dsn)} refused the connection ({reason}); fix the connection "
+                "string, the database name or the credentials",
+                table=table,
+            ) from error
         raise ConnectionFailedError(
             f"cannot connect to the {role} database {mask_dsn(dsn)} ({reason}); check that the server "
             "is running and the connection string is right",

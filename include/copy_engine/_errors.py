@@ -50,6 +50,10 @@ class ConnectionFailedError(TransientError):
     """A server could not be reached or the connection dropped."""
 
 
+class ConnectionRejectedError(TerminalError):
+    """The server answered but refused the connection: unknown database or role, failed authentication."""
+
+
 class ConcurrentRunError(TransientError):
     """Another run holds the target table's lock for longer than this run is willing to wait."""
 

@@ -74,7 +74,9 @@ class SyncReport:
         return data
 
     def summary(self) -> str:
-        if self.validation.skipped:
+        if self.status == "failed" and self.validation.match is None:
+            check = "not validated"
+        elif self.validation.skipped:
             check = "validation off"
         elif self.validation.match:
             check = "validated"

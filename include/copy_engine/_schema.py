@@ -131,7 +131,7 @@ def describe_source(
             # A temporary view gives the custom select's exact result types, typmods included.
             try:
                 with conn.transaction():
-                    conn.execute(sql.SQL("create temporary view _copy_engine_shape as {}").format(select))
+                    conn.execute(sql.SQL("create temporary view _copy_engine_shape as {}").format(select), {})
             except psycopg.Error as error:
                 message = (str(error).strip().splitlines() or [""])[0]
                 raise SourceError(

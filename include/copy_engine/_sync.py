@@ -144,7 +144,9 @@ def _stream(src: psycopg.Connection, query: sql.Composable, params: dict[str, ob
     pending: list[bytes] = []
     pending_size = 0
     in_cursor = tgt.cursor()
-    with src.cursor().copy(copy_out, params) as reader, in_cursor.copy(copy_in) as writer:
+    # A non-empty mapping makes psycopg parse the statement, turning the escaped `%%` back into `%`.
+    bound = params or {"_unused": None}
+    with src.cursor().copy(copy_out, bound) as reader, in_cursor.copy(copy_in) as writer:
         for chunk in reader:
             pending.append(bytes(chunk))
             pending_size += len(chunk)

@@ -43,8 +43,7 @@ def _boundaries(conn: psycopg.Connection, rows: RowSet, key: str, key_type: str,
         return []
     column = sql.Identifier(key)
     if key_type in _INTEGER_TYPES:
-        row = conn.execute(sql.SQL("select min({0}), max({0}) from {1} as _rows").format(column, rows.query)
-                           ).fetchone()
+        row = conn.execute(sql.SQL("select min({0}), max({0}) from {1} as _rows").format(column, rows.query), {}).fetchone()
         if row is None or row[0] is None:
             return []
         low, high = int(row[0]), int(row[1])
@@ -114,7 +113,7 @@ def compare(
     source_total = sum(count for count, _ in source_sums.values())
     target_total = sum(count for count, _ in target_sums.values())
     if count_query is not None:
-        row = source.execute(count_query).fetchone()
+        row = source.execute(count_query, {}).fetchone()
         source_total = int(row[0]) if row and row[0] is not None else 0
     differing: list[RangeDifference] = []
     numbers = sorted(set(source_sums) | set(target_sums), key=lambda n: (n is None, n or 0))
