@@ -33,7 +33,7 @@ summarised as (
         count(*) filter (where is_amended) as amended_event_count,
         count(*) filter (where is_deleted) as deleted_event_count,
         count(*) filter (where is_cancelled) as cancelled_event_count,
-        coalesce(sum(gross_amount) filter (where is_live), 0) as cash_paid_per_share,
+        coalesce(sum(gross_amount) filter (where is_live), 0)::numeric(18, 6) as cash_paid_per_share,
 
         -- dates
         min(announcement_date) as first_announcement_date,

@@ -26,7 +26,7 @@ yearly as (
         -- numerics
         extract(year from ex_date)::integer as dividend_year,
         count(*) as dividend_count,
-        sum(gross_amount) as gross_amount_per_share,
+        sum(gross_amount)::numeric(18, 6) as gross_amount_per_share,
 
         -- dates
         min(ex_date) as first_ex_date,

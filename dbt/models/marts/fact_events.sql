@@ -51,8 +51,8 @@ final as (
             when
                 live_events.event_type in ('split', 'consolidation', 'bonus_issue', 'capital_reduction')
                 and live_events.ratio_new > 0
-                then live_events.ratio_old / live_events.ratio_new
-        end as price_adjustment_factor,
+                then round(live_events.ratio_old / live_events.ratio_new, 12)
+        end::numeric(24, 12) as price_adjustment_factor,
 
         -- booleans
         live_events.is_amended,
