@@ -61,6 +61,7 @@ class SyncReport:
     watermark_after: str | None = None
     schema_changes: list[str] = field(default_factory=list)
     validation: ValidationResult = field(default_factory=ValidationResult.skipped_result)
+    copy_format: str | None = None
     attempts: int = 0
     workers: int = 1
     error: str | None = None

@@ -47,6 +47,10 @@ order by k.position
 """
 
 
+# Types whose binary input rejects values their binary output produces (an empty tsquery).
+_TEXT_ONLY = frozenset({"tsquery"})
+
+
 @dataclass(frozen=True)
 class Column:
     name: str
@@ -99,7 +103,7 @@ def _read_columns(conn: psycopg.Connection, oid: int) -> list[Column]:
     for name, type_sql, type_oid, not_null, typtype, nspname, category in rows:
         builtin = nspname == "pg_catalog"
         scalar_user = typtype in ("e", "d") and category != "A"
-        binary_safe = (builtin and typtype != "c") or scalar_user
+        binary_safe = ((builtin and typtype != "c") or scalar_user) and type_sql.removesuffix("[]") not in _TEXT_ONLY
         columns.append(Column(name, type_sql, type_oid, bool(not_null), binary_safe))
     return columns
 

@@ -376,6 +376,7 @@ def _attempt(source_dsn: str, target_dsn: str, table: TableConfig, report: SyncR
                                       relation=target_relation, soft_delete=table.delete_detection == "soft",
                                       need_key=needs_key)
                 report.schema_changes.extend(plan.changes)
+                report.copy_format = "binary" if plan.binary else "text"
                 report.watermark_before = read_watermark(tgt, names.target_text) if table.mode == "incremental" \
                     else None
                 if table.mode == "full":
