@@ -119,23 +119,29 @@ def describe_source(
     schema_name: str,
     relation: str,
     select: sql.Composable | None,
+    where: sql.Composable | None = None,
     primary_key: tuple[str, ...] | None,
 ) -> Shape:
     """The source's columns and key, read in a short transaction that is rolled back."""
     with conn.transaction(force_rollback=True):
         oid = relation_oid(conn, schema_name, relation)
-        if select is None:
-            if oid is None:
-                raise SourceError(
-                    f"source table {schema_name}.{relation} does not exist; check `source` in the configuration",
-                    table=table,
-                )
+        if select is None and oid is None:
+            raise SourceError(
+                f"source table {schema_name}.{relation} does not exist; check `source` in the configuration",
+                table=table,
+            )
+        if select is None and where is None:
+            assert oid is not None
             columns = _read_columns(conn, oid)
         else:
+            base = sql.SQL("({})").format(select) if select is not None else sql.Identifier(schema_name, relation)
+            query = sql.SQL("select * from {} as _source").format(base)
+            if where is not None:
+                query = sql.SQL("{} where ({})").format(query, where)
             # A temporary view gives the custom select's exact result types, typmods included.
             try:
                 with conn.transaction():
-                    conn.execute(sql.SQL("create temporary view _copy_engine_shape as {}").format(select), {})
+                    conn.execute(sql.SQL("create temporary view _copy_engine_shape as {}").format(query), {})
             except psycopg.Error as error:
                 message = (str(error).strip().splitlines() or [""])[0]
                 raise SourceError(

@@ -80,6 +80,9 @@ class _Names:
     def select_from_base(self) -> sql.Composable | None:
         return user_sql(self.table.select) if self.table.select else None
 
+    def where(self) -> sql.Composable | None:
+        return user_sql(self.table.where) if self.table.where else None
+
     def source_rows(self, columns: list[str], *extra: sql.Composable) -> sql.Composable:
         """`select <columns> from <source or custom select> where <custom where> and <extra>`."""
         conditions = [sql.SQL("({})").format(user_sql(self.table.where))] if self.table.where else []
@@ -359,7 +362,7 @@ def _attempt(source_dsn: str, target_dsn: str, table: TableConfig, report: SyncR
         try:
             schema_name, relation = table.source_schema_table
             shape = describe_source(src, table=table.name, schema_name=schema_name, relation=relation,
-                                    select=names.select_from_base(), primary_key=table.primary_key)
+                                    select=names.select_from_base(), where=names.where(), primary_key=table.primary_key)
             needs_key = table.mode == "incremental"
             if needs_key and not shape.primary_key:
                 raise MissingPrimaryKeyError(
@@ -489,7 +492,7 @@ def validate_table(source_dsn: str, target_dsn: str, table: TableConfig) -> Vali
                 connect(source_dsn, role="source", table=table.name) as src:
             schema_name, relation = table.source_schema_table
             shape = describe_source(src, table=table.name, schema_name=schema_name, relation=relation,
-                                    select=names.select_from_base(), primary_key=table.primary_key)
+                                    select=names.select_from_base(), where=names.where(), primary_key=table.primary_key)
             target_schema, target_relation = table.target_schema_table
             with tgt.transaction(force_rollback=True):
                 from ._schema import relation_oid

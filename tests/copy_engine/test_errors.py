@@ -1,0 +1,97 @@
+"""Each kind of bad input fails at once with a message that names the table and what to do."""
+
+from __future__ import annotations
+
+import pytest
+
+from include.copy_engine import (
+    ConfigError,
+    ConnectionFailedError,
+    MissingPrimaryKeyError,
+    SourceError,
+    TableConfig,
+    TransientError,
+    load_config,
+    sync_table,
+)
+from include.local_stack.postgres import free_port
+
+from .test_full import make_stock
+
+
+def test_unknown_source_table(pair):
+    with pytest.raises(SourceError) as raised:
+        sync_table(pair.source, pair.target, TableConfig(name="nope", source="public.nope"))
+    assert str(raised.value) == (
+        "nope: source table public.nope does not exist; check `source` in the configuration")
+    assert raised.value.report is not None and raised.value.report.status == "failed"
+    assert raised.value.report.attempts == 1
+    runs = pair.rows(pair.target, "select table_name, status, error from _copy_engine.sync_runs")
+    assert runs == [("nope", "failed", str(raised.value))]
+
+
+def test_incremental_table_without_primary_key(pair):
+    pair.run(pair.source, "create table public.events (id int, changed_at timestamptz)")
+    table = TableConfig(name="events", source="public.events", mode="incremental", cursor_column="changed_at")
+    with pytest.raises(MissingPrimaryKeyError, match="mode incremental needs a primary key and public.events "
+                       "has none; set primary_key"):
+        sync_table(pair.source, pair.target, table)
+
+
+def test_unknown_column_in_custom_sql(pair):
+    make_stock(pair, 3)
+    for settings in ({"where": "no_such_column > 1"}, {"select": "select no_such_column from public.stock_master"}):
+        table = TableConfig(name="stock_master", **settings)
+        with pytest.raises(SourceError) as raised:
+            sync_table(pair.source, pair.target, table)
+        assert str(raised.value) == (
+            'stock_master: the custom select/where does not run on the source: column "no_such_column" does '
+            "not exist; fix it in the configuration")
+    assert pair.scalar(pair.target, "select to_regclass('raw.stock_master')") is None
+
+
+def test_unreachable_server_is_transient_and_masks_the_password(pair):
+    port = free_port()
+    source = f"postgresql://reader:s3cret@127.0.0.1:{port}/src"
+    table = TableConfig(name="stock_master", retries=1, retry_backoff_s=0.01)
+    with pytest.raises(ConnectionFailedError) as raised:
+        sync_table(source, pair.target, table)
+    assert isinstance(raised.value, TransientError)
+    message = str(raised.value)
+    assert message.startswith(f"stock_master: cannot connect to the source database "
+                              f"postgresql://reader:***@127.0.0.1:{port}/src (")
+    assert "s3cret" not in message and "s3cret" not in str(raised.value.report.to_dict())
+    assert raised.value.report.attempts == 2
+
+
+def test_bad_yaml_and_bad_settings(tmp_path):
+    bad = tmp_path / "bad.yml"
+    bad.write_text("tables:\n  - name: x\n    mode: [full\n")
+    with pytest.raises(ConfigError, match=r"bad.yml is not valid YAML"):
+        load_config(bad)
+    wrong = tmp_path / "wrong.yml"
+    wrong.write_text("tables:\n  - name: x\n    mode: sometimes\n")
+    with pytest.raises(ConfigError, match=r"^x: mode must be one of full, incremental, not 'sometimes'$"):
+        load_config(wrong)
+    unknown = tmp_path / "unknown.yml"
+    unknown.write_text("tables:\n  - name: x\n    cursor: updated_at\n")
+    with pytest.raises(ConfigError, match=r"^x: unknown setting\(s\) cursor; known: "):
+        load_config(unknown)
+    with pytest.raises(ConfigError, match="mode incremental needs cursor_column"):
+        TableConfig(name="x", mode="incremental")
+    with pytest.raises(ConfigError, match=r"cannot read the configuration file .*missing.yml"):
+        load_config(tmp_path / "missing.yml")
+
+
+def test_demo_configuration():
+    config = load_config("include/config/tables.yml")
+    assert config.names == ["stock_master", "edi_690"]
+    stock = config.table("stock_master")
+    assert (stock.source, stock.target, stock.mode, stock.cursor_column, stock.delete_detection, stock.validate) == (
+        "public.stock_master", "raw.stock_master", "incremental", "updated_at", "hard", True)
+    events = config.table("edi_690")
+    assert (events.target, events.cursor_column, events.delete_detection) == ("raw.edi_690", "changed_at", "hard")
+    with pytest.raises(ConfigError, match="no table named 'nope' in include/config/tables.yml; configured: "
+                       "stock_master, edi_690"):
+        config.table("nope")
+    assert TableConfig(name="x", source="public.x").target == "raw.x"
