@@ -1,0 +1,132 @@
+"""Crash safety, retries and the per-table run lock, with real processes and real backends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psycopg
+import pytest
+
+from include.copy_engine import ConcurrentRunError, TableConfig, sync_table
+
+# Makes the source stream slowly (a 20 ms pause every 500 rows) so there is time to interfere.
+SLOW_WHERE = "pg_sleep(case when id % 500 = 0 then 0.02 else 0 end) is not null"
+
+
+def make_ticks(pair, rows):
+    pair.run(pair.source, "create table public.ticks (id int primary key, payload text, "
+             "changed_at timestamptz not null default '2024-01-01')")
+    pair.run(pair.source, "insert into public.ticks (id, payload) select i, repeat('x', 50) "
+             "from generate_series(1, %s) as i", (rows,))
+
+
+def wait_for(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+def copying_into(dsn):
+    """Rows the running COPY FROM has written into the target so far (0 when none is running)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("select tuples_processed from pg_stat_progress_copy where datname = current_database() "
+                           "and command = 'COPY FROM'").fetchone()
+        return row[0] if row and row[0] > 0 else 0
+
+
+def test_a_run_killed_mid_copy_leaves_the_target_unchanged_and_the_next_run_completes(pair):
+    make_ticks(pair, 10)
+    sync_table(pair.source, pair.target, TableConfig(name="ticks", source="public.ticks"))
+    pair.run(pair.source, "insert into public.ticks (id, payload) select i, 'new' from generate_series(11, 20000) i")
+    before = pair.rows(pair.target, "select * from raw.ticks order by id")
+    state_before = pair.rows(pair.target, "select synced_at from _copy_engine.sync_state")
+    command = [sys.executable, "-m", "include.copy_engine", "sync", "--source", pair.source, "--target",
+               pair.target, "--table", "public.ticks", "--target-table", "raw.ticks", "--where", SLOW_WHERE]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: copying_into(pair.target) > 0)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL
+
+    assert pair.rows(pair.target, "select * from raw.ticks order by id") == before
+    assert pair.rows(pair.target, "select synced_at from _copy_engine.sync_state") == state_before
+
+    finished = subprocess.run(command[:-2], capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    report = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert (report["status"], report["rows_read"], report["validation"]["match"]) == ("success", 20000, True)
+    assert pair.scalar(pair.target, "select count(*) from raw.ticks") == 20000
+
+
+def test_a_dropped_source_connection_is_retried(pair):
+    make_ticks(pair, 5000)
+    table = TableConfig(name="ticks", source="public.ticks", where=SLOW_WHERE, retry_backoff_s=0.05)
+    terminated = []
+
+    def terminate_source_copy():
+        def source_copy_pid():
+            with psycopg.connect(pair.source, autocommit=True) as conn:
+                row = conn.execute("select pid from pg_stat_activity where datname = current_database() "
+                                   "and query like 'copy (%%' and state = 'active'").fetchone()
+                return row[0] if row else None
+
+        pid = wait_for(source_copy_pid)
+        with psycopg.connect(pair.source, autocommit=True) as conn:
+            terminated.append(conn.execute("select pg_terminate_backend(%s)", (pid,)).fetchone()[0])
+
+    killer = threading.Thread(target=terminate_source_copy)
+    killer.start()
+    report = sync_table(pair.source, pair.target, table)
+    killer.join()
+
+    assert terminated == [True]
+    assert (report.status, report.attempts, report.rows_read) == ("success", 2, 5000)
+    assert report.validation.match is True
+    assert pair.scalar(pair.target, "select count(*) from raw.ticks") == 5000
+
+
+def test_a_second_run_on_the_same_target_waits_or_fails_clearly(pair):
+    make_ticks(pair, 5000)
+    slow = TableConfig(name="ticks", source="public.ticks", where=SLOW_WHERE)
+    results = {}
+
+    def run(key, table):
+        try:
+            results[key] = sync_table(pair.source, pair.target, table)
+        except Exception as error:  # noqa: BLE001 - the test inspects it
+            results[key] = error
+
+    def holds_lock():
+        return pair.scalar(pair.target, "select count(*) from pg_locks where locktype = 'advisory' and granted")
+
+    first = threading.Thread(target=run, args=("first", slow))
+    first.start()
+    wait_for(holds_lock)
+    impatient = TableConfig(name="ticks", source="public.ticks", lock_wait_s=0.3)
+    with pytest.raises(ConcurrentRunError, match=r"^ticks: another run is syncing raw.ticks and still holds its "
+                       r"lock after 0\.\ds; let it finish, or raise lock_wait_s$") as raised:
+        sync_table(pair.source, pair.target, impatient)
+    assert raised.value.report.attempts == 1
+    patient = threading.Thread(target=run, args=("second", TableConfig(name="ticks", source="public.ticks")))
+    patient.start()
+    first.join()
+    patient.join()
+
+    assert results["first"].status == "success" and results["second"].status == "success"
+    assert results["second"].finished_at > results["first"].finished_at
+    assert results["second"].rows_deleted == 5000  # it replaced what the first run wrote, not interleaved
+    assert pair.scalar(pair.target, "select count(*) from raw.ticks") == 5000
