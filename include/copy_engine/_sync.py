@@ -427,7 +427,9 @@ def sync_table(
     """
     report = SyncReport(table=table.name, source=table.source if not table.select else f"{table.source} (custom select)",
                         target=".".join(table.target_schema_table), mode=table.mode)
-    report.workers = table.parallel if table.mode == "full" and (table.parallel > 1 or table.large) else 1
+    if table.large and table.parallel == 1:
+        table = table.with_overrides(parallel=2)
+    report.workers = table.parallel
     should_validate = table.validate if validate is None else validate
     started = time.monotonic()
     logger.info("%s: %s sync %s -> %s (target %s)", table.name, table.mode, report.source, report.target,

@@ -67,3 +67,21 @@ def test_second_full_sync_replaces_rows_and_keeps_dependent_views(pair):
     assert pair.scalar(pair.target, "select min(security_id) from raw.stock_master") == 11
     assert pair.scalar(pair.target, "select count(*) from pg_constraint where conrelid = "
                        "'raw.stock_master'::regclass and contype = 'p'") == 1
+
+
+def test_parallel_full_copy_by_key_ranges_on_one_snapshot(pair):
+    make_stock(pair, 1000)
+    table = TableConfig(name="stock_master", source="public.stock_master", parallel=3, validation_ranges=4)
+    sync_table(pair.source, pair.target, TableConfig(name="stock_master", source="public.stock_master"))
+    pair.run(pair.source, "delete from public.stock_master where security_id > 900")
+
+    report = sync_table(pair.source, pair.target, table)
+
+    assert (report.status, report.workers, report.rows_read, report.rows_inserted, report.rows_deleted) == (
+        "success", 3, 900, 900, 1000)
+    assert report.validation.match is True and report.validation.ranges_checked == 4
+    query = "select * from {} order by security_id"
+    assert pair.rows(pair.target, query.format("raw.stock_master")) == pair.rows(
+        pair.source, query.format("public.stock_master"))
+    assert pair.scalar(pair.target, "select count(*) from pg_tables where schemaname = '_copy_engine' "
+                       "and tablename like 'stage%'") == 0
