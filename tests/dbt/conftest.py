@@ -101,6 +101,7 @@ _TABLES = {
     "dim_securities": "select * from marts.dim_securities order by security_id, version_number",
     "fact_events": "select * from marts.fact_events order by event_id",
     "fact_cash_dividends_yearly": "select * from marts.fact_cash_dividends_yearly order by 1, 3",
+    "fact_split_adjustment_factors": "select * from marts.fact_split_adjustment_factors order by 1, 6",
     "int_event_summary": "select * from intermediate.int_event_summary order by security_id, event_type",
     "snp_stock_master": "select * from snapshots.snp_stock_master order by security_id, dbt_valid_from",
     "snp_edi_690": "select * from snapshots.snp_edi_690 order by event_id, dbt_valid_from",

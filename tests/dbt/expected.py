@@ -171,3 +171,33 @@ def cash_dividends_yearly(events: dict[int, Row]) -> dict[tuple[int, int], Row]:
         row["gross_amount_per_share"] += event["gross_amount"]
         row["last_ex_date"] = event["ex_date"]
     return result
+
+
+def split_adjustment_factors(facts: dict[int, Row]) -> dict[tuple[int, date], Row]:
+    """Per security and ex date of share events: the day's factor and the cumulative factor."""
+    daily: dict[tuple[int, date], Row] = {}
+    for fact in facts.values():
+        if fact["price_adjustment_factor"] is None:
+            continue
+        key = (fact["security_id"], fact["ex_date"])
+        row = daily.setdefault(key, {"event_count": 0, "adjustment_factor": Decimal(1)})
+        row["event_count"] += 1
+        row["adjustment_factor"] *= fact["price_adjustment_factor"]
+    by_security: dict[int, list[date]] = defaultdict(list)
+    for security_id, ex_date in sorted(daily):
+        by_security[security_id].append(ex_date)
+    result = {}
+    for security_id, ex_dates in by_security.items():
+        cumulative = Decimal(1)
+        for index in range(len(ex_dates) - 1, -1, -1):
+            key = (security_id, ex_dates[index])
+            cumulative *= daily[key]["adjustment_factor"]
+            result[key] = {
+                "security_id": security_id,
+                "event_count": daily[key]["event_count"],
+                "adjustment_factor": daily[key]["adjustment_factor"],
+                "cumulative_adjustment_factor": cumulative,
+                "applies_from_date": ex_dates[index - 1] if index else None,
+                "ex_date": ex_dates[index],
+            }
+    return result

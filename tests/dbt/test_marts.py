@@ -4,6 +4,7 @@ source rows, after the initial load and after a tick of source changes."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, time
+from decimal import Decimal
 from typing import Any
 
 from tests.dbt import expected
@@ -16,6 +17,7 @@ MODELS = {
     "dim_securities": "marts",
     "fact_events": "marts",
     "fact_cash_dividends_yearly": "marts",
+    "fact_split_adjustment_factors": "marts",
     "snp_stock_master": "snapshots",
     "snp_edi_690": "snapshots",
 }
@@ -62,6 +64,16 @@ def _check_marts(warehouse: Warehouse, state_name: str) -> None:
 
     yearly = {(row["security_id"], row["dividend_year"]): row for row in tables["fact_cash_dividends_yearly"]}
     assert yearly == expected.cash_dividends_yearly(state.edi_690)
+
+    # Products computed through exp(sum(ln())) and stored with 12 decimals agree to 1e-11.
+    factors = {(row["security_id"], row["ex_date"]): row for row in tables["fact_split_adjustment_factors"]}
+    want_factors = expected.split_adjustment_factors(want_events)
+    assert factors.keys() == want_factors.keys()
+    for key, want in want_factors.items():
+        got = factors[key]
+        assert (got["event_count"], got["applies_from_date"]) == (want["event_count"], want["applies_from_date"])
+        assert abs(got["adjustment_factor"] - want["adjustment_factor"]) < Decimal("1e-11"), key
+        assert abs(got["cumulative_adjustment_factor"] - want["cumulative_adjustment_factor"]) < Decimal("1e-11"), key
 
 
 def test_initial_marts_equal_python(warehouse: Warehouse) -> None:

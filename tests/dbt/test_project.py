@@ -28,6 +28,7 @@ def test_parse_needs_no_database(tmp_path: Path) -> None:
         "dim_securities": "marts",
         "fact_events": "marts",
         "fact_cash_dividends_yearly": "marts",
+        "fact_split_adjustment_factors": "marts",
     }.items():
         assert nodes[name]["schema"] == schema, name
     assert {node["config"]["hard_deletes"] for node in nodes.values() if node["resource_type"] == "snapshot"} == {
@@ -59,7 +60,8 @@ _NODE_BY_NODE = textwrap.dedent(
     failures = []
     manifest = None
     for node in ["snp_stock_master", "snp_edi_690", "stg_stock_master", "stg_edi_690",
-                 "int_event_summary", "dim_securities", "fact_events", "fact_cash_dividends_yearly"]:
+                 "int_event_summary", "dim_securities", "fact_events", "fact_cash_dividends_yearly",
+                 "fact_split_adjustment_factors"]:
         command = "snapshot" if node.startswith("snp_") else "run"
         for step in (command, "test"):
             result = runner.invoke([step, "--select", node, "--quiet", *common])
