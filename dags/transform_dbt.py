@@ -19,7 +19,7 @@ from cosmos import DbtTaskGroup
 
 from include.dbt_config import execution_config, profile_config, project_config, render_config
 from include.ingestion import configured_tables
-from include.pipeline import raw_table_asset
+from include.pipeline import describe_asset_events, raw_table_asset
 
 RAW_ASSETS = [raw_table_asset(table.target) for table in configured_tables()]
 LAYERS = {
@@ -56,14 +56,7 @@ def transform_dbt():
     @task
     def log_triggering_events() -> list[str]:
         """Say which raw-table events this run reacts to."""
-        events = get_current_context()["triggering_asset_events"]
-        lines = []
-        for asset, asset_events in events.items():
-            for event in asset_events:
-                lines.append(f"{asset.uri}: {event.extra} (from {event.source_dag_id}/{event.source_run_id})")
-        for line in lines:
-            print(line)
-        return lines
+        return describe_asset_events(get_current_context()["triggering_asset_events"])
 
     previous = log_triggering_events()
     for layer, selector in LAYERS.items():

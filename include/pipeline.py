@@ -6,9 +6,12 @@ module on every parse.
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterable, Mapping
 from functools import cache
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
@@ -16,6 +19,8 @@ import yaml
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TABLES_CONFIG = PROJECT_ROOT / "include" / "config" / "tables.yml"
 SETTINGS_FILE = PROJECT_ROOT / "airflow_settings.yaml"
+
+logger = logging.getLogger(__name__)
 
 SOURCE_CONN_ID = "source_postgres"
 WAREHOUSE_CONN_ID = "warehouse_postgres"
@@ -55,6 +60,19 @@ def raw_table_asset(target_table: str):  # -> airflow.sdk.Asset
     from airflow.sdk import Asset
 
     return Asset(uri=raw_table_uri(target_table))
+
+
+def describe_asset_events(events_by_key: Mapping[Any, Iterable[Any]]) -> list[str]:
+    """One log line per triggering Asset event: which table, what changed, which run made it."""
+    lines = []
+    for key, events in events_by_key.items():
+        for event in events:
+            asset = getattr(event, "asset", None)
+            uri = getattr(asset, "uri", None) or getattr(key, "uri", None) or getattr(key, "name", str(key))
+            lines.append(f"{uri}: {dict(event.extra or {})} (from {event.source_dag_id} run {event.source_run_id})")
+    for line in lines:
+        logger.info("triggered by %s", line)
+    return lines
 
 
 def database_dsn(conn_id: str) -> str:

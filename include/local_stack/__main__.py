@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 
 from include.local_stack import airflow, runner
 from include.local_stack.settings import SOURCE_CONN_ID, StackSettings
@@ -35,13 +36,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Stopped: {', '.join(stopped)}." if stopped else "Nothing was running.")
         elif args.command == "status":
             running = airflow.running_components(settings)
-            print("\n".join(f"airflow {name}: pid {pid}" for name, pid in running.items()) or "Airflow is not running.")
-            print("embedded PostgreSQL: " + ("running" if runner.embedded_postgres(settings).is_running() else "stopped"))
+            lines = [f"airflow {name}: pid {pid}" for name, pid in running.items()] or ["Airflow is not running."]
+            postgres = "running" if runner.embedded_postgres(settings).is_running() else "stopped"
+            print("\n".join([*lines, f"embedded PostgreSQL: {postgres}"]))
         elif args.command == "manifest":
             print(f"dbt manifest: {runner.build_manifest(settings)}")
         elif args.command == "tick":
             from include.demo_data import tick
-            import time
 
             runner.start_databases(settings)
             seed = args.seed if args.seed is not None else int(time.time())

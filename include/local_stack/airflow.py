@@ -71,9 +71,12 @@ def airflow_environment(settings: StackSettings) -> dict[str, str]:
             "AIRFLOW__API__BASE_URL": settings.api_url,
             "AIRFLOW__API__WORKERS": "1",
             "AIRFLOW__API_AUTH__JWT_SECRET": settings.secret("jwt_secret"),
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": (
-                f"postgresql+psycopg2://postgres@127.0.0.1:{settings.postgres_port}/airflow"
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": settings.embedded_dsn("airflow").replace(
+                "postgresql://", "postgresql+psycopg2://", 1
             ),
+            # Nothing phones home: this machine, like many behind a firewall, has no internet.
+            "AIRFLOW__USAGE_DATA_COLLECTION__ENABLED": "False",
+            "AIRFLOW__COSMOS__ENABLE_TELEMETRY": "False",
             # Find new DAG files and asset-triggered runs within seconds, not minutes.
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
             "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "10",

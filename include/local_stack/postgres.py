@@ -15,8 +15,9 @@ import shutil
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import psycopg
 from psycopg import sql
@@ -70,13 +71,16 @@ class EmbeddedPostgres:
     data_dir: Path
     port: int
     throwaway: bool = False
+    # With a password the server asks for it (scram-sha-256); without one it trusts local clients.
+    password: str | None = field(default=None, repr=False)
 
     @property
     def host(self) -> str:
         return "127.0.0.1"
 
     def dsn(self, database: str = "postgres") -> str:
-        return f"postgresql://postgres@{self.host}:{self.port}/{database}"
+        auth = f"postgres:{quote(self.password, safe='')}" if self.password else "postgres"
+        return f"postgresql://{auth}@{self.host}:{self.port}/{database}"
 
     @property
     def _run_as(self) -> str | None:
@@ -106,10 +110,7 @@ class EmbeddedPostgres:
             return self
         self._prepare_permissions()
         if not (self.data_dir / "PG_VERSION").exists():
-            self._run(
-                "initdb", "-D", str(self.data_dir), "-U", "postgres",
-                "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8",
-            )  # fmt: skip
+            self._initdb()
         settings = dict(_SERVER_SETTINGS, port=str(self.port))
         if self.throwaway:
             settings.update(_THROWAWAY_SETTINGS)
@@ -135,6 +136,20 @@ class EmbeddedPostgres:
             time.sleep(0.2)
         logger.info("embedded PostgreSQL running on %s:%s (%s)", self.host, self.port, self.data_dir)
         return self
+
+    def _initdb(self) -> None:
+        args = ["-D", str(self.data_dir), "-U", "postgres", "--encoding=UTF8", "--locale=C.UTF-8"]
+        if not self.password:
+            self._run("initdb", *args, "--auth=trust")
+            return
+        password_file = self.data_dir.parent / f".{self.data_dir.name}.pw"
+        password_file.write_text(self.password)
+        try:
+            if self._run_as:
+                shutil.chown(password_file, self._run_as)
+            self._run("initdb", *args, "--auth=scram-sha-256", f"--pwfile={password_file}")
+        finally:
+            password_file.unlink()
 
     def stop(self) -> None:
         if (self.data_dir / "postmaster.pid").exists():

@@ -54,7 +54,7 @@ def exclusive(settings: StackSettings) -> Iterator[None]:
 
 
 def embedded_postgres(settings: StackSettings) -> EmbeddedPostgres:
-    return EmbeddedPostgres(settings.pgdata, settings.postgres_port)
+    return EmbeddedPostgres(settings.pgdata, settings.postgres_port, password=settings.secret("postgres_password"))
 
 
 def start_databases(settings: StackSettings) -> None:
@@ -87,12 +87,7 @@ def ensure_demo_data(settings: StackSettings) -> dict[str, Any] | None:
         present = conn.execute("select to_regclass('public.stock_master') is not null").fetchone()[0]
     if present:
         return None
-    return generate(
-        url,
-        securities=int(os.environ.get("DEMO_SECURITIES", "10000")),
-        events=int(os.environ.get("DEMO_EVENTS", "100000")),
-        seed=int(os.environ.get("DEMO_SEED", "42")),
-    )
+    return generate(url, securities=settings.demo_securities, events=settings.demo_events, seed=settings.demo_seed)
 
 
 def dbt_environment(settings: StackSettings) -> dict[str, str]:

@@ -12,6 +12,7 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import yaml
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -54,6 +55,9 @@ class StackSettings:
     api_port: int = 8080
     source_url: str | None = None
     warehouse_url: str | None = None
+    demo_securities: int = 10_000
+    demo_events: int = 100_000
+    demo_seed: int = 42
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -63,6 +67,8 @@ class StackSettings:
             api_port=int(os.environ.get("AIRFLOW_API_PORT", "8080")),
             source_url=os.environ.get("SOURCE_DATABASE_URL") or None,
             warehouse_url=os.environ.get("WAREHOUSE_DATABASE_URL") or None,
+            demo_securities=int(os.environ.get("DEMO_SECURITIES", "10000")),
+            demo_events=int(os.environ.get("DEMO_EVENTS", "100000")),
         )
 
     @property
@@ -78,7 +84,8 @@ class StackSettings:
         return f"http://127.0.0.1:{self.api_port}"
 
     def embedded_dsn(self, database: str) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.postgres_port}/{database}"
+        password = quote(self.secret("postgres_password"), safe="")
+        return f"postgresql://postgres:{password}@127.0.0.1:{self.postgres_port}/{database}"
 
     def database_url(self, conn_id: str) -> str:
         """The libpq URL behind an Airflow connection of this stack."""

@@ -40,7 +40,7 @@ def test_ingestion_maps_one_task_per_configured_table(dag_bag):
     assert sync.pool == "source_postgres"
     names = [table.name for table in configured_tables()]
     assert set(names) >= {"stock_master", "edi_690"}
-    assert sync.expand_input.value["table_name"] == names
+    assert sync.op_kwargs_expand_input.value["table_name"] == names
 
 
 def test_transform_is_scheduled_on_every_raw_table_asset(dag_bag):
@@ -49,11 +49,8 @@ def test_transform_is_scheduled_on_every_raw_table_asset(dag_bag):
 
     dag = dag_bag.dags["transform_dbt"]
     condition = dag.timetable.asset_condition
-    uris = {asset.uri for asset in condition.iter_assets().values()} if hasattr(condition, "iter_assets") else set()
-    if not uris:
-        uris = {key.uri for key, _ in condition.iter_assets()}
-    assert uris == {raw_table_uri(table.target) for table in configured_tables()}
     assert type(condition).__name__ == "AssetAll"
+    assert {asset.uri for asset in condition.objects} == {raw_table_uri(t.target) for t in configured_tables()}
 
 
 def test_transform_renders_every_dbt_layer_as_tasks(dag_bag):

@@ -1,0 +1,78 @@
+"""The deploy files cannot be run here (no Docker), so they are checked for agreement instead."""
+
+from __future__ import annotations
+
+import re
+from importlib.metadata import version
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pins(path: Path) -> dict[str, str]:
+    found = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        match = re.fullmatch(r"([A-Za-z0-9_.\-]+)(\[[^\]]*\])?==([^\s;]+)", line)
+        if match:
+            found[match.group(1).lower().replace("_", "-")] = match.group(3)
+    return found
+
+
+def test_every_requirement_is_pinned_exactly():
+    for name in ("requirements.txt", "requirements-local.txt"):
+        for line in (ROOT / name).read_text().splitlines():
+            line = line.split("#")[0].strip()
+            if line and not line.startswith("-r "):
+                assert "==" in line, f"{name}: {line!r} is not pinned"
+
+
+def test_local_install_runs_the_versions_the_deploy_files_pin():
+    for package, pinned in {**pins(ROOT / "requirements.txt"), **pins(ROOT / "requirements-local.txt")}.items():
+        assert version(package) == pinned, f"{package}: installed {version(package)}, pinned {pinned}"
+
+
+def test_constraints_lock_agrees_with_the_pins():
+    locked = pins(ROOT / "constraints.txt")
+    for package, pinned in {**pins(ROOT / "requirements.txt"), **pins(ROOT / "requirements-local.txt")}.items():
+        assert locked.get(package) == pinned, f"constraints.txt locks {package}=={locked.get(package)}, pinned {pinned}"
+
+
+def test_stack_versions_are_the_ones_this_project_supports():
+    deploy = pins(ROOT / "requirements.txt")
+    local = pins(ROOT / "requirements-local.txt")
+    assert local["apache-airflow"].startswith("3.3.")
+    assert deploy["astronomer-cosmos"] == "1.15.1"
+    assert deploy["dbt-core"].startswith("1.11."), "dbt-core 1.12 downloads a parser at build time"
+    assert deploy["dbt-postgres"] == "1.11.0"
+
+
+def test_dockerfile_uses_astro_runtime_for_airflow_3_3_and_builds_the_manifest():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM astrocrpublic\.azurecr\.io/runtime:3\.3-\d+$", dockerfile, re.M)
+    assert "dbt parse" in dockerfile and "/usr/local/airflow/dbt" in dockerfile
+
+
+def test_dockerignore_keeps_local_state_out_of_the_image():
+    ignored = set((ROOT / ".dockerignore").read_text().split())
+    assert {".venv", ".data", "dbt/target"} <= ignored
+
+
+def test_airflow_settings_parse_as_astro_expects():
+    document = yaml.safe_load((ROOT / "airflow_settings.yaml").read_text())
+    section = document["airflow"]
+    for connection in section["connections"]:
+        assert {"conn_id", "conn_type", "conn_host", "conn_schema", "conn_login", "conn_port"} <= set(connection)
+        assert connection["conn_type"] == "postgres"
+    for pool in section["pools"]:
+        assert isinstance(pool["pool_slot"], int) and pool["pool_slot"] > 0
+
+
+def test_astro_project_layout_is_complete():
+    for path in ("dags", "include", "dbt", "plugins", "tests", "bench", "Dockerfile", "requirements.txt",
+                 "packages.txt", "airflow_settings.yaml", ".astro/config.yaml", ".dockerignore", ".gitignore",
+                 "README.md", "Makefile"):  # fmt: skip
+        assert (ROOT / path).exists(), f"{path} is missing"
+    assert yaml.safe_load((ROOT / ".astro" / "config.yaml").read_text())["project"]["name"]
