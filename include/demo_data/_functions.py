@@ -16,7 +16,7 @@ _HELPERS = (
     returns double precision
     language sql immutable parallel safe
     as $$
-        select ('x' || substr(digest, part * 8 + 1, 8))::bit(32)::bigint / 4294967296.0
+        select ('x' || substr(digest, part * 8 + 1, 8))::bit(32)::bigint::double precision / 4294967296.0::double precision
     $$
     """,
     # The ISIN check digit: letters become 10..35, then the Luhn sum doubles every second digit

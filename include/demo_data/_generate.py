@@ -58,7 +58,8 @@ create table {table} (
 # Exchanges: KOSPI 40 %, KOSDAQ 30 %, NYSE 10 %, Nasdaq 10 %, Tokyo 5 %, Hong Kong 5 %.
 _INSERT_STOCK_MASTER = """
 insert into {table}
-with drawn as (
+-- Materialized CTEs: inlined, every use of a number would compute its digest again.
+with drawn as materialized (
     select
         ids.id as security_id,
         md5(%(seed)s || ':security:' || ids.id) as digest_a,
@@ -66,7 +67,7 @@ with drawn as (
     from generate_series(1::bigint, %(securities)s::bigint) as ids (id)
 ),
 
-numbers as (
+numbers as materialized (
     select
         security_id,
         pg_temp.demo_uniform(digest_a, 0) as u_exchange,
@@ -159,7 +160,8 @@ from bodies
 # Event mix: dividends 55 %, splits 8 %, consolidations 5 %, bonus issues 8 %, rights issues 7 %,
 # mergers 5 %, demergers 4 %, capital reductions 8 %. Flags: I 88 %, U 6 %, D 3 %, C 3 %.
 EVENTS_SELECT = """
-with drawn as (
+-- Materialized CTEs: inlined, every use of a number would compute its digest again.
+with drawn as materialized (
     select
         ids.id as event_id,
         md5(%(seed)s || ':' || %(salt)s || ':' || ids.id) as digest_a,
@@ -168,7 +170,7 @@ with drawn as (
     from generate_series(%(first_event_id)s::bigint, %(last_event_id)s::bigint) as ids (id)
 ),
 
-numbers as (
+numbers as materialized (
     select
         event_id,
         pg_temp.demo_uniform(digest_a, 0) as u_security,
