@@ -21,7 +21,7 @@ from ._errors import SourceError
 from ._report import SyncReport
 from ._schema import Shape, TargetPlan, describe_source, ensure_types, prepare_target, user_types
 from ._state import STATE_SCHEMA, ensure_state_tables, write_state
-from ._validate import RowSet, _boundaries
+from ._validate import RowSet, boundaries
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def attempt_parallel(source_dsn: str, target_dsn: str, table: TableConfig, repor
             snapshot = str(row[0])
             key = shape.column(shape.primary_key[0])
             assert key is not None
-            bounds = _boundaries(src, RowSet(sql.SQL("({})").format(names.source_rows([key.name]))), key.name,
+            bounds = boundaries(src, RowSet(sql.SQL("({})").format(names.source_rows([key.name]))), key.name,
                                  key.type_sql, table.parallel)
             ranges = split_ranges(bounds)
             logger.info("%s: copying %d key range(s) with %d worker(s)", table.name, len(ranges), table.parallel)

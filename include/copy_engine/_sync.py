@@ -45,13 +45,14 @@ from ._schema import (
     user_types,
 )
 from ._state import ensure_state_tables, read_watermark, record_run, write_state
-from ._validate import RowSet, compare
+from ._validate import RowSet, boundaries, bucket_expression, compare, range_sums
 
 logger = logging.getLogger(__name__)
 
 _WRITE_BATCH = 256 * 1024
 _STAGE = "_copy_engine_stage"
 _KEYS = "_copy_engine_keys"
+_DELETE_RANGES = 256
 _TIME_TYPES = ("date", "timestamp", "timestamptz")
 
 
@@ -374,21 +375,44 @@ def _upsert(tgt: psycopg.Connection, names: _Names, shape: Shape, plan: TargetPl
 
 def _detect_deletes(src: psycopg.Connection, tgt: psycopg.Connection, table: TableConfig, names: _Names,
                     shape: Shape, plan: TargetPlan) -> int:
-    """Anti-join the target's keys against all keys in the source snapshot."""
+    """Find target keys missing from the source snapshot and delete (or mark) those rows.
+
+    Both sides first sum a hash of their keys per key range, inside each database; only the keys of
+    ranges that differ are copied over and anti-joined, so an unchanged table costs two index scans.
+    """
     key = list(shape.primary_key)
+    first = shape.column(key[0])
+    assert first is not None
+    soft = table.delete_detection == "soft"
+    source_keys = RowSet(sql.SQL("({})").format(names.source_rows(key)))
+    live = sql.SQL(" where {} is null").format(sql.Identifier(SOFT_DELETE_COLUMN)) if soft else sql.SQL("")
+    target_keys = RowSet(sql.SQL("(select {} from {}{})").format(_column_list(key), names.target, live))
+    bounds = boundaries(src, source_keys, first.name, first.type_sql, _DELETE_RANGES)
+    bucket = bucket_expression(first.name, first.type_sql, bounds)
+    checksum = sql.SQL("hash_record_extended(row({}), 0)::numeric").format(_column_list(key))
+    source_sums = range_sums(src, source_keys, checksum, bucket, bounds)
+    target_sums = range_sums(tgt, target_keys, checksum, bucket, bounds)
+    differing = [n for n in target_sums if target_sums[n] != source_sums.get(n)]
+    if not differing:
+        return 0
+    logger.info("%s: %d of %d key range(s) differ; comparing their keys", table.name, len(differing),
+                len(target_sums))
     keys = sql.Identifier(_KEYS)
+    in_ranges = sql.SQL("{} = any(%(buckets)s)").format(bucket)
+    params: dict[str, object] = {"bounds": bounds, "buckets": [n for n in differing if n is not None] or [0]}
     tgt.execute(sql.SQL("create temporary table {} on commit drop as select {} from {} with no data").format(
         keys, _column_list(key), names.target))
-    _stream(src, names.source_rows(key), {}, tgt, keys, key, binary=plan.binary)
+    _stream(src, names.source_rows(key, in_ranges), params, tgt, keys, key, binary=plan.binary)
     tgt.execute(sql.SQL("analyze {}").format(keys))
     missing = sql.SQL("not exists (select from {keys} as k where {match})").format(
         keys=keys, match=sql.SQL(" and ").join(sql.SQL("k.{0} = t.{0}").format(sql.Identifier(c)) for c in key))
-    if table.delete_detection == "hard":
-        statement = sql.SQL("delete from {} as t where {}").format(names.target, missing)
+    scope = sql.SQL("{} and {}").format(in_ranges, missing)
+    if not soft:
+        statement = sql.SQL("delete from {} as t where {}").format(names.target, scope)
     else:
         statement = sql.SQL("update {} as t set {} = now() where t.{} is null and {}").format(
-            names.target, sql.Identifier(SOFT_DELETE_COLUMN), sql.Identifier(SOFT_DELETE_COLUMN), missing)
-    cursor = tgt.execute(statement)
+            names.target, sql.Identifier(SOFT_DELETE_COLUMN), sql.Identifier(SOFT_DELETE_COLUMN), scope)
+    cursor = tgt.execute(statement, params)
     return max(cursor.rowcount, 0)
 
 

@@ -1,8 +1,11 @@
 """Validation: row counts and checksums per primary-key range, computed inside each database.
 
-Each side hashes every row's text form (`md5(row(...)::text)`) and sums the first 64 bits per
-range; only (range, count, sum) travel to Python. Both sessions use the same output settings
-(see `_connect.SESSION_OPTIONS`), so identical values give identical text.
+Each side hashes every row with `hash_record_extended` (each column by its type's own hash
+function, about three times faster than hashing the row's text) and sums the hashes per range;
+only (range, count, sum) travel to Python. Columns whose type has no hash function (json, xml,
+geometric types, composites) are hashed by their text, which both sessions produce with the same
+output settings (see `_connect.SESSION_OPTIONS`). The differing keys of a mismatched range are
+found by comparing `md5` of each row's text, which is exact to the byte.
 """
 
 from __future__ import annotations
@@ -37,7 +40,45 @@ def _row_hash(columns: list[str]) -> sql.Composable:
     return sql.SQL("md5(row({})::text)").format(sql.SQL(", ").join(sql.Identifier(c) for c in columns))
 
 
-def _boundaries(conn: psycopg.Connection, rows: RowSet, key: str, key_type: str, ranges: int) -> list[str]:
+def _row_checksum(columns: list[str], hashable: set[str]) -> sql.Composable:
+    items = [sql.Identifier(c) if c in hashable else sql.SQL("{}::text").format(sql.Identifier(c)) for c in columns]
+    return sql.SQL("hash_record_extended(row({}), 0)::numeric").format(sql.SQL(", ").join(items))
+
+
+_TYPE_SQL = """
+select t.typtype::text, t.typbasetype::int, t.typelem::int, t.typcategory::text, coalesce(r.rngsubtype, 0)::int,
+       exists (select from pg_opclass as oc join pg_am as am on am.oid = oc.opcmethod
+               where am.amname = 'hash' and oc.opcdefault and oc.opcintype = t.oid)
+from pg_type as t left join pg_range as r on r.rngtypid = t.oid where t.oid = %s
+"""
+
+
+def hashable_columns(conn: psycopg.Connection, shape: Shape) -> set[str]:
+    """Columns whose type (through domains, arrays and ranges) has a default hash function."""
+    cache: dict[int, bool] = {}
+
+    def hashable(oid: int) -> bool:
+        if oid not in cache:
+            cache[oid] = False
+            row = conn.execute(_TYPE_SQL, (oid,)).fetchone()
+            if row is not None:
+                typtype, base, element, category, subtype, has_opclass = row
+                if typtype == "d":
+                    cache[oid] = hashable(base)
+                elif category == "A" and element:
+                    cache[oid] = hashable(element)
+                elif typtype == "e":
+                    cache[oid] = False  # enums hash their OID, which differs between databases
+                elif typtype == "r":
+                    cache[oid] = hashable(subtype)
+                elif typtype == "b":
+                    cache[oid] = bool(has_opclass)
+        return cache[oid]
+
+    return {column.name for column in shape.columns if hashable(column.type_oid)}
+
+
+def boundaries(conn: psycopg.Connection, rows: RowSet, key: str, key_type: str, ranges: int) -> list[str]:
     """Range boundaries on the first key column, as text, ascending."""
     if ranges <= 1:
         return []
@@ -61,19 +102,24 @@ def _boundaries(conn: psycopg.Connection, rows: RowSet, key: str, key_type: str,
     return deduplicated
 
 
-def _bucket_expression(key: str, key_type: str) -> sql.Composable:
+def bucket_expression(key: str, key_type: str, bounds: list[str]) -> sql.Composable:
+    if not bounds:
+        return sql.SQL("0")
     return sql.SQL("width_bucket({}, %(bounds)s::text[]::{}[])").format(sql.Identifier(key), sql.SQL(key_type))
 
 
-def _range_sums(conn: psycopg.Connection, rows: RowSet, columns: list[str], bucket: sql.Composable,
-                bounds: list[str]) -> dict[int | None, tuple[int, int]]:
+def range_sums(conn: psycopg.Connection, rows: RowSet, checksum: sql.Composable, bucket: sql.Composable,
+               bounds: list[str]) -> dict[int | None, tuple[int, int]]:
+    """(row count, checksum) per key range; a hash aggregate, since the planner over-estimates ranges."""
     query = sql.SQL(
-        "select {bucket} as bucket, count(*), "
-        "coalesce(sum(('x' || left({hash}, 16))::bit(64)::bigint::numeric), 0) from {rows} as _rows group by 1"
-    ).format(bucket=bucket, hash=_row_hash(columns), rows=rows.query)
+        "select {bucket} as bucket, count(*), coalesce(sum({checksum}), 0) from {rows} as _rows group by 1"
+    ).format(bucket=bucket, checksum=checksum, rows=rows.query)
+    conn.execute("select set_config('enable_sort', 'off', true)")
     result: dict[int | None, tuple[int, int]] = {}
-    for number, count, checksum in conn.execute(query, {"bounds": bounds}).fetchall():
-        result[number] = (int(count), int(checksum))
+    rows_found = conn.execute(query, {"bounds": bounds}).fetchall()
+    conn.execute("select set_config('enable_sort', 'on', true)")
+    for number, count, checksum_value in rows_found:
+        result[number] = (int(count), int(checksum_value))
     return result
 
 
@@ -101,14 +147,12 @@ def compare(
     columns = shape.names
     key = shape.primary_key
     key_column = shape.column(key[0]) if key else None
-    if key_column is not None:
-        bounds = _boundaries(source, source_rows, key_column.name, key_column.type_sql, ranges)
-        bucket = _bucket_expression(key_column.name, key_column.type_sql)
-    else:
-        bounds, bucket = [], sql.SQL("0")
+    bounds = boundaries(source, source_rows, key_column.name, key_column.type_sql, ranges) if key_column else []
+    bucket = bucket_expression(key_column.name, key_column.type_sql, bounds) if key_column else sql.SQL("0")
+    checksum = _row_checksum(columns, hashable_columns(source, shape))
     with ThreadPoolExecutor(max_workers=1) as pool:
-        target_future = pool.submit(_range_sums, target, target_rows, columns, bucket, bounds)
-        source_sums = _range_sums(source, source_rows, columns, bucket, bounds)
+        target_future = pool.submit(range_sums, target, target_rows, checksum, bucket, bounds)
+        source_sums = range_sums(source, source_rows, checksum, bucket, bounds)
         target_sums = target_future.result()
     source_total = sum(count for count, _ in source_sums.values())
     target_total = sum(count for count, _ in target_sums.values())
