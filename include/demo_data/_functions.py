@@ -16,7 +16,8 @@ _HELPERS = (
     returns double precision
     language sql immutable parallel safe
     as $$
-        select ('x' || substr(digest, part * 8 + 1, 8))::bit(32)::bigint::double precision / 4294967296.0::double precision
+        select ('x' || substr(digest, part * 8 + 1, 8))::bit(32)::bigint::double precision
+            / 4294967296.0::double precision
     $$
     """,
     # The ISIN check digit: letters become 10..35, then the Luhn sum doubles every second digit
@@ -63,4 +64,4 @@ _HELPERS = (
 def install_helpers(conn: psycopg.Connection) -> None:
     """Create the helper functions in this session's temporary schema."""
     for statement in _HELPERS:
-        conn.execute(statement)  # type: ignore[arg-type]
+        conn.execute(statement)

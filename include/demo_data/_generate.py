@@ -326,15 +326,15 @@ def generate(
         install_helpers(conn)
         conn.execute(sql.SQL("create schema if not exists {}").format(sql.Identifier(schema)))
         conn.execute(sql.SQL("drop table if exists {}, {}").format(edi_690, stock_master))
-        conn.execute(sql.SQL(_CREATE_STOCK_MASTER).format(table=stock_master))  # type: ignore[arg-type]
-        conn.execute(sql.SQL(_CREATE_EDI_690).format(table=edi_690))  # type: ignore[arg-type]
+        conn.execute(sql.SQL(_CREATE_STOCK_MASTER).format(table=stock_master))
+        conn.execute(sql.SQL(_CREATE_EDI_690).format(table=edi_690))
         conn.execute(
-            sql.SQL(_INSERT_STOCK_MASTER).format(table=stock_master),  # type: ignore[arg-type]
+            sql.SQL(_INSERT_STOCK_MASTER).format(table=stock_master),
             {"seed": str(seed), "securities": securities, "epoch": epoch, **name_params()},
         )
-        insert_events = sql.SQL("insert into {table} ").format(table=edi_690) + sql.SQL(EVENTS_SELECT).format(  # type: ignore[arg-type]
-            created_at=sql.SQL(_GENERATED_CREATED_AT),  # type: ignore[arg-type]
-            changed_at=sql.SQL(_GENERATED_CHANGED_AT),  # type: ignore[arg-type]
+        insert_events = sql.SQL("insert into {table} ").format(table=edi_690) + sql.SQL(EVENTS_SELECT).format(
+            created_at=sql.SQL(_GENERATED_CREATED_AT),
+            changed_at=sql.SQL(_GENERATED_CHANGED_AT),
             securities_table=stock_master,
         )
         if events:

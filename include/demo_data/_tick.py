@@ -193,7 +193,7 @@ def tick(
     with psycopg.connect(dsn) as conn:
         install_helpers(conn)
         try:
-            state = conn.execute(sql.SQL(_STATE).format(**tables)).fetchone()  # type: ignore[arg-type]
+            state = conn.execute(sql.SQL(_STATE).format(**tables)).fetchone()
         except psycopg.errors.UndefinedTable as error:
             raise DemoDataError(f"no demo tables in schema {schema}: run generate first") from error
         assert state is not None
@@ -215,30 +215,19 @@ def tick(
             "cancelled": max(3, events // 1000),
             **name_params(),
         }
-        ranked = sql.SQL(_RANKED_SECURITIES).format(**tables)  # type: ignore[arg-type]
+        ranked = sql.SQL(_RANKED_SECURITIES).format(**tables)
         renamed_ids = [
-            row[0]
-            for row in conn.execute(
-                sql.SQL(_RENAME).format(ranked=ranked, **tables), params  # type: ignore[arg-type]
-            ).fetchall()
+            row[0] for row in conn.execute(sql.SQL(_RENAME).format(ranked=ranked, **tables), params).fetchall()
         ]
         ticker_ids = [
-            row[0]
-            for row in conn.execute(
-                sql.SQL(_CHANGE_TICKER).format(ranked=ranked, **tables), params  # type: ignore[arg-type]
-            ).fetchall()
+            row[0] for row in conn.execute(sql.SQL(_CHANGE_TICKER).format(ranked=ranked, **tables), params).fetchall()
         ]
-        delisted = len(
-            conn.execute(sql.SQL(_DELIST).format(ranked=ranked, **tables), params).fetchall()  # type: ignore[arg-type]
-        )
-        flags = [
-            row[0]
-            for row in conn.execute(sql.SQL(_CHANGE_EVENTS).format(**tables), params).fetchall()  # type: ignore[arg-type]
-        ]
+        delisted = len(conn.execute(sql.SQL(_DELIST).format(ranked=ranked, **tables), params).fetchall())
+        flags = [row[0] for row in conn.execute(sql.SQL(_CHANGE_EVENTS).format(**tables), params).fetchall()]
         # New events: announced in the last three days, so their ex dates lie after the tick, and
         # a third of them on securities that changed in this tick, whose new version they must get.
         new_events = max(10, events // 200)
-        insert_events = sql.SQL("insert into {table} ").format(table=edi_690) + sql.SQL(EVENTS_SELECT).format(  # type: ignore[arg-type]
+        insert_events = sql.SQL("insert into {table} ").format(table=edi_690) + sql.SQL(EVENTS_SELECT).format(
             created_at=sql.SQL("%(tick_at)s::timestamptz"),
             changed_at=sql.SQL("%(tick_at)s::timestamptz"),
             securities_table=stock_master,

@@ -70,7 +70,7 @@ def run_dbt(arguments: Sequence[str], *, dsn: str | None, work_dir: Path) -> sub
 
 def fetch(dsn: str, query: str) -> list[dict[str, Any]]:
     with psycopg.connect(dsn, row_factory=dict_row) as conn:
-        return conn.execute(query).fetchall()  # type: ignore[arg-type]
+        return conn.execute(query).fetchall()
 
 
 @dataclass
