@@ -222,7 +222,8 @@ def compare_upserts(source: str, target: str, rows: int) -> dict[str, float]:
         "merge": "merge into raw.bench as t using stage as s on t.id = s.id "
                  "when matched and (t.price::text, t.updated_at::text) is distinct from "
                  "(s.price::text, s.updated_at::text) then update set price = s.price, updated_at = s.updated_at "
-                 f"when not matched then insert ({columns}) values ({', '.join('s.' + c for c in columns.split(', '))})",
+                 f"when not matched then insert ({columns}) "
+                 f"values ({', '.join('s.' + c for c in columns.split(', '))})",
     }
     with psycopg.connect(target) as conn:
         for _ in range(3):

@@ -8,7 +8,14 @@ from typing import NoReturn
 import psycopg
 from psycopg import errors as pg_errors
 
-from ._errors import ConnectionFailedError, ConnectionRejectedError, CopyEngineError, SourceError, TerminalError, TransientError
+from ._errors import (
+    ConnectionFailedError,
+    ConnectionRejectedError,
+    CopyEngineError,
+    SourceError,
+    TerminalError,
+    TransientError,
+)
 
 # Text output of dates, intervals, floats and bytea depends on these; both ends use the same ones
 # so text COPY and the validation checksums are exact.

@@ -182,7 +182,7 @@ class UserType:
     schema: str
     name: str
     kind: str
-    definition: sql.Composable
+    definition: sql.Composed | sql.SQL
     enum_labels: tuple[str, ...] = ()
 
 
@@ -215,7 +215,7 @@ def user_types(conn: psycopg.Connection, columns: list[Column], *, table: str) -
             checks = [r[0] for r in conn.execute(
                 "select pg_get_constraintdef(oid) from pg_constraint where contypid = %s and contype = 'c' "
                 "order by conname", (oid,))]
-            parts = [sql.SQL("create domain {} as {}").format(qualified, sql.SQL(base_sql))]
+            parts: list[sql.Composable] = [sql.SQL("create domain {} as {}").format(qualified, sql.SQL(base_sql))]
             if notnull:
                 parts.append(sql.SQL("not null"))
             parts.extend(sql.SQL(check) for check in checks)

@@ -86,7 +86,9 @@ class _Names:
 
     def source_rows(self, columns: list[str], *extra: sql.Composable) -> sql.Composable:
         """`select <columns> from <source or custom select> where <custom where> and <extra>`."""
-        conditions = [sql.SQL("({})").format(user_sql(self.table.where))] if self.table.where else []
+        conditions: list[sql.Composable] = []
+        if self.table.where:
+            conditions.append(sql.SQL("({})").format(user_sql(self.table.where)))
         conditions.extend(extra)
         query = sql.SQL("select {} from {} as _source").format(
             sql.SQL(", ").join(sql.Identifier(c) for c in columns), self.base())
@@ -154,7 +156,8 @@ def _stream(src: psycopg.Connection, query: sql.Composable, params: dict[str, ob
 
 def _result_error(conn: psycopg.Connection, result: pq.abc.PGresult | None) -> psycopg.Error:
     if result is None:
-        message = conn.pgconn.get_error_message().decode(errors="replace").strip()
+        raw: str | bytes = conn.pgconn.get_error_message()
+        message = (raw.decode(errors="replace") if isinstance(raw, bytes) else raw).strip()
         return psycopg.OperationalError(message or "the connection was lost during COPY")
     return psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
 
@@ -361,7 +364,7 @@ def _upsert(tgt: psycopg.Connection, names: _Names, shape: Shape, plan: TargetPl
                for c in values]
     changed += [sql.SQL("t.{} is not null").format(sql.Identifier(c)) for c in reset]
     if setters:
-        action = sql.SQL("do update set {} where {}").format(
+        action: sql.Composable = sql.SQL("do update set {} where {}").format(
             sql.SQL(", ").join(setters), sql.SQL(" or ").join(changed) if changed else sql.SQL("false"))
     else:
         action = sql.SQL("do nothing")
@@ -524,8 +527,8 @@ def sync_table(
     Raises a `CopyEngineError` subclass on failure (its `.report` holds the failed run's report):
     `TransientError` after the retries are spent, `TerminalError` at once.
     """
-    report = SyncReport(table=table.name, source=table.source if not table.select else f"{table.source} (custom select)",
-                        target=".".join(table.target_schema_table), mode=table.mode)
+    source = table.source if not table.select else f"{table.source} (custom select)"
+    report = SyncReport(table=table.name, source=source, target=".".join(table.target_schema_table), mode=table.mode)
     if table.large and table.parallel == 1:
         table = table.with_overrides(parallel=2)
     report.workers = table.parallel

@@ -84,7 +84,8 @@ def boundaries(conn: psycopg.Connection, rows: RowSet, key: str, key_type: str, 
         return []
     column = sql.Identifier(key)
     if key_type in _INTEGER_TYPES:
-        row = conn.execute(sql.SQL("select min({0}), max({0}) from {1} as _rows").format(column, rows.query), {}).fetchone()
+        query = sql.SQL("select min({0}), max({0}) from {1} as _rows").format(column, rows.query)
+        row = conn.execute(query, {}).fetchone()
         if row is None or row[0] is None:
             return []
         low, high = int(row[0]), int(row[1])
@@ -140,7 +141,7 @@ def compare(
     target_rows: RowSet,
     shape: Shape,
     ranges: int,
-    count_query: sql.Composable | None = None,
+    count_query: sql.SQL | sql.Composed | None = None,
 ) -> ValidationResult:
     """Compare the two row sets; `source` may already be inside the sync's snapshot."""
     started = time.monotonic()
