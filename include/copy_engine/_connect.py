@@ -25,7 +25,7 @@ SESSION_OPTIONS = (
 )
 
 _URI_PASSWORD = re.compile(r"(://[^:/@]*:)([^@]*)(@)")
-_KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+_KEYWORD_PASSWORD = re.compile(r"(?<![?&])(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 
 
 def mask_dsn(dsn: str) -> str:

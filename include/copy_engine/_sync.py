@@ -529,7 +529,7 @@ def sync_table(
     """
     source = table.source if not table.select else f"{table.source} (custom select)"
     report = SyncReport(table=table.name, source=source, target=".".join(table.target_schema_table), mode=table.mode)
-    if table.large and table.parallel == 1:
+    if table.large and table.parallel == 1 and table.mode == "full":
         table = table.with_overrides(parallel=2)
     report.workers = table.parallel
     should_validate = table.validate if validate is None else validate
