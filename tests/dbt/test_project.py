@@ -49,7 +49,7 @@ def test_sql_passes_sqlfluff() -> None:
 
 
 # One interpreter runs dbt's programmatic entry point for every node, as Cosmos's tasks would:
-# `dbt run` (or `snapshot`) of the node alone, then `dbt test` of the node.
+# `dbt build --select node` runs the node alone, then its unit and data tests.
 _NODE_BY_NODE = textwrap.dedent(
     """
     import json, sys
@@ -58,15 +58,12 @@ _NODE_BY_NODE = textwrap.dedent(
     common = sys.argv[1:]
     runner = dbtRunner()
     failures = []
-    manifest = None
     for node in ["snp_stock_master", "snp_edi_690", "stg_stock_master", "stg_edi_690",
                  "int_event_summary", "dim_securities", "fact_events", "fact_cash_dividends_yearly",
                  "fact_split_adjustment_factors"]:
-        command = "snapshot" if node.startswith("snp_") else "run"
-        for step in (command, "test"):
-            result = runner.invoke([step, "--select", node, "--quiet", *common])
-            if not result.success:
-                failures.append(f"{step} {node}: {result.exception}")
+        result = runner.invoke(["build", "--select", node, "--quiet", *common])
+        if not result.success:
+            failures.append(f"build {node}: {result.exception}")
     print(json.dumps(failures))
     """
 )
