@@ -21,7 +21,7 @@ from ._errors import (
 # so text COPY and the validation checksums are exact.
 SESSION_OPTIONS = (
     "-c DateStyle=ISO,YMD -c IntervalStyle=postgres -c TimeZone=UTC -c extra_float_digits=3 "
-    "-c bytea_output=hex -c client_encoding=UTF8"
+    "-c bytea_output=hex -c client_encoding=UTF8 -c temp_buffers=64MB"
 )
 
 _URI_PASSWORD = re.compile(r"(://[^:/@]*:)([^@]*)(@)")

@@ -68,7 +68,7 @@ def _copy_range(source_dsn: str, target_dsn: str, table: TableConfig, snapshot: 
         src.read_only = True
         src.execute(sql.SQL("set transaction snapshot {}").format(sql.Literal(snapshot)))
         conditions, params = key_range.condition(key.name, key.type_sql)
-        result = _stream(src, names.source_rows(plan.columns, *conditions), params, tgt, _stage_name(table),
+        result = _stream(src, names.copy_source(plan.columns, *conditions), params, tgt, _stage_name(table),
                          plan.columns, binary=plan.binary)
         tgt.commit()
         src.rollback()

@@ -61,6 +61,14 @@ def user_sql(text: str) -> sql.SQL:
     return sql.SQL(text.strip().rstrip(";").replace("%", "%%"))
 
 
+class _TableColumns(sql.Composed):
+    """`table (columns)`: a whole source table, for the plain `COPY table TO` form."""
+
+    def __init__(self, table: sql.Composable, columns: list[str]) -> None:
+        super().__init__([table, sql.SQL(" ("), sql.SQL(", ").join(sql.Identifier(c) for c in columns),
+                          sql.SQL(")")])
+
+
 @dataclass(frozen=True)
 class _Names:
     table: TableConfig
@@ -83,6 +91,12 @@ class _Names:
 
     def where(self) -> sql.Composable | None:
         return user_sql(self.table.where) if self.table.where else None
+
+    def copy_source(self, columns: list[str], *extra: sql.Composable) -> sql.Composable:
+        """What `COPY … TO STDOUT` reads: the plain `table (columns)` form when nothing filters it."""
+        if not extra and not self.table.where and not self.table.select:
+            return _TableColumns(self.base(), columns)
+        return self.source_rows(columns, *extra)
 
     def source_rows(self, columns: list[str], *extra: sql.Composable) -> sql.Composable:
         """`select <columns> from <source or custom select> where <custom where> and <extra>`."""
@@ -141,8 +155,9 @@ def _stream(src: psycopg.Connection, query: sql.Composable, params: dict[str, ob
     in_options = list(options)
     if freeze:
         in_options.append(sql.SQL("freeze"))
-    copy_out = sql.SQL("copy ({}) to stdout {}").format(
-        query, sql.SQL("({})").format(sql.SQL(", ").join(options)) if options else sql.SQL(""))
+    source = query if isinstance(query, _TableColumns) else sql.SQL("({})").format(query)
+    copy_out = sql.SQL("copy {} to stdout {}").format(
+        source, sql.SQL("({})").format(sql.SQL(", ").join(options)) if options else sql.SQL(""))
     copy_in = sql.SQL("copy {} ({}) from stdin {}").format(
         into, sql.SQL(", ").join(sql.Identifier(c) for c in columns),
         sql.SQL("({})").format(sql.SQL(", ").join(in_options)) if in_options else sql.SQL(""))
@@ -256,9 +271,11 @@ def _load_full(src: psycopg.Connection, tgt: psycopg.Connection, table: TableCon
     report.rows_deleted = int(before[0]) if before else 0
     key_constraint = _drop_primary_key(tgt, names, shape)
     tgt.execute(sql.SQL("truncate {}").format(target))
-    rows, size = _stream(src, names.source_rows(plan.columns), {}, tgt, target, plan.columns,
+    rows, size = _stream(src, names.copy_source(plan.columns), {}, tgt, target, plan.columns,
                          binary=plan.binary, freeze=True)
     if key_constraint:
+        # One in-memory sort for the rebuilt key index (the default 64MB spills at a few million rows).
+        tgt.execute("select set_config('maintenance_work_mem', '256MB', true)")
         try:
             with tgt.transaction():
                 tgt.execute(sql.SQL("alter table {} add constraint {} primary key ({})").format(
@@ -336,7 +353,7 @@ def _load_incremental(src: psycopg.Connection, tgt: psycopg.Connection, table: T
     tgt.execute(sql.SQL("create temporary table {} on commit drop as select {} from {} with no data").format(
         stage, _column_list(plan.columns), target))
     conditions, params = _cursor_filter(shape, table, report.watermark_before)
-    rows, size = _stream(src, names.source_rows(plan.columns, *conditions), params, tgt, stage, plan.columns,
+    rows, size = _stream(src, names.copy_source(plan.columns, *conditions), params, tgt, stage, plan.columns,
                          binary=plan.binary)
     report.rows_read, report.bytes = rows, size
     cursor_type = sql.SQL(shape.column(table.cursor_column).type_sql)  # type: ignore[union-attr]
@@ -398,7 +415,12 @@ def _detect_deletes(src: psycopg.Connection, tgt: psycopg.Connection, table: Tab
     source_keys = RowSet(sql.SQL("({})").format(names.source_rows(key)))
     live = sql.SQL(" where {} is null").format(sql.Identifier(SOFT_DELETE_COLUMN)) if soft else sql.SQL("")
     target_keys = RowSet(sql.SQL("(select {} from {}{})").format(_column_list(key), names.target, live))
-    bounds = boundaries(src, source_keys, first.name, first.type_sql, _DELETE_RANGES)
+    # reltuples is -1 until the first analyze; the table's size in bytes / 100 stands in for it.
+    estimate = tgt.execute("select (case when reltuples >= 0 then reltuples else pg_relation_size(oid) / 100 end)"
+                           "::bigint from pg_class where oid = %s::regclass", (names.target.as_string(tgt),)).fetchone()
+    # About a thousand keys per range, so scattered deletes pull over only the ranges they touch.
+    ranges = min(max(int(estimate[0]) // 1000 if estimate else 0, _DELETE_RANGES), 16384)
+    bounds = boundaries(src, source_keys, first.name, first.type_sql, ranges)
     bucket = bucket_expression(first.name, first.type_sql, bounds)
     checksum = sql.SQL("hash_record_extended(row({}), 0)::numeric").format(_column_list(key))
     source_sums = range_sums(src, source_keys, checksum, bucket, bounds)
@@ -413,8 +435,9 @@ def _detect_deletes(src: psycopg.Connection, tgt: psycopg.Connection, table: Tab
     params: dict[str, object] = {"bounds": bounds, "buckets": [n for n in differing if n is not None] or [0]}
     tgt.execute(sql.SQL("create temporary table {} on commit drop as select {} from {} with no data").format(
         keys, _column_list(key), names.target))
-    _stream(src, names.source_rows(key, in_ranges), params, tgt, keys, key, binary=plan.binary)
+    _stream(src, names.copy_source(key, in_ranges), params, tgt, keys, key, binary=plan.binary)
     tgt.execute(sql.SQL("analyze {}").format(keys))
+    tgt.execute("select set_config('work_mem', '256MB', true)")  # one in-memory hash for the anti-join
     missing = sql.SQL("not exists (select from {keys} as k where {match})").format(
         keys=keys, match=sql.SQL(" and ").join(sql.SQL("k.{0} = t.{0}").format(sql.Identifier(c)) for c in key))
     scope = sql.SQL("{} and {}").format(in_ranges, missing)
