@@ -84,7 +84,11 @@ class State:
 
 @dataclass
 class Warehouse:
-    """A warehouse after an initial load and build, then a tick and a second build."""
+    """A warehouse after an initial load and build, then a tick and a second build.
+
+    Between tick and second build one security and one event are deleted from raw, as the copy
+    engine does when the source deletes them, to exercise the snapshots' hard_deletes.
+    """
 
     server: str
     dsn: str
@@ -93,6 +97,8 @@ class Warehouse:
     after_tick: State
     tick_changes: dict[str, int]
     tick_at: datetime
+    deleted_security_id: int
+    deleted_event_id: int
     catalog: dict[str, Any]
     manifest: dict[str, Any]
 
@@ -118,6 +124,22 @@ def _state(dsn: str, *, with_tables: bool) -> State:
     return state
 
 
+def _delete_untouched_rows(dsn: str, state: State, tick_at: datetime) -> tuple[int, int]:
+    """Delete from raw a security with live events and a live event of another security, both
+    untouched by the tick; return their ids."""
+    live = [event for event in state.edi_690.values() if event["action_flag"] in ("I", "U")]
+    security_id = min(
+        event["security_id"] for event in live if state.stock_master[event["security_id"]]["updated_at"] < tick_at
+    )
+    event_id = min(
+        event["event_id"] for event in live if event["security_id"] != security_id and event["changed_at"] < tick_at
+    )
+    with psycopg.connect(dsn) as conn:
+        conn.execute("delete from raw.stock_master where security_id = %s", (security_id,))
+        conn.execute("delete from raw.edi_690 where event_id = %s", (event_id,))
+    return security_id, event_id
+
+
 @pytest.fixture(scope="module")
 def warehouse(postgres_server: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Warehouse]:
     """Build once per server and module: generate, build, tick, build, docs generate."""
@@ -128,10 +150,12 @@ def warehouse(postgres_server: PostgresServer, tmp_path_factory: pytest.TempPath
         run_dbt(["build"], dsn=dsn, work_dir=work_dir)
         initial = _state(dsn, with_tables=True)
         changes = tick(dsn, seed=TICK_SEED, schema="raw")
+        ticked = _state(dsn, with_tables=False)
+        tick_at = max(row["updated_at"] for row in ticked.stock_master.values())
+        deleted_security_id, deleted_event_id = _delete_untouched_rows(dsn, ticked, tick_at)
         run_dbt(["build"], dsn=dsn, work_dir=work_dir)
         after_tick = _state(dsn, with_tables=True)
         run_dbt(["docs", "generate"], dsn=dsn, work_dir=work_dir)
-        tick_at = max(row["updated_at"] for row in after_tick.stock_master.values())
         yield Warehouse(
             server=postgres_server.name,
             dsn=dsn,
@@ -140,6 +164,8 @@ def warehouse(postgres_server: PostgresServer, tmp_path_factory: pytest.TempPath
             after_tick=after_tick,
             tick_changes=changes,
             tick_at=tick_at,
+            deleted_security_id=deleted_security_id,
+            deleted_event_id=deleted_event_id,
             catalog=json.loads((work_dir / "target" / "catalog.json").read_text()),
             manifest=json.loads((work_dir / "target" / "manifest.json").read_text()),
         )

@@ -40,11 +40,12 @@ def is_live(event: Row) -> bool:
     return event["action_flag"] in ("I", "U")
 
 
-def versions(history: list[Row]) -> list[Version]:
-    """Versions of one security from its successive source rows, oldest first."""
+def versions(history: list[Row], deleted_at: datetime | None = None) -> list[Version]:
+    """Versions of one security from its successive source rows, oldest first; the last one ends
+    when the security was deleted, if it was."""
     result = []
     for index, row in enumerate(history):
-        following = history[index + 1]["updated_at"] if index + 1 < len(history) else None
+        following = history[index + 1]["updated_at"] if index + 1 < len(history) else deleted_at
         valid_from = BEGINNING if index == 0 else row["updated_at"]
         result.append(Version(index + 1, row, valid_from, following))
     return result

@@ -23,7 +23,9 @@ MODELS = {
 }
 
 
-def _histories(*states: dict[int, dict[str, Any]]) -> dict[int, list[expected.Version]]:
+def _histories(
+    *states: dict[int, dict[str, Any]], deleted_at: dict[int, datetime] | None = None
+) -> dict[int, list[expected.Version]]:
     """Versions per security from successive snapshots of the source (unchanged rows count once)."""
     rows: dict[int, list[dict[str, Any]]] = {}
     for state in states:
@@ -31,7 +33,20 @@ def _histories(*states: dict[int, dict[str, Any]]) -> dict[int, list[expected.Ve
             history = rows.setdefault(security_id, [])
             if not history or history[-1] != row:
                 history.append(row)
-    return {security_id: expected.versions(history) for security_id, history in rows.items()}
+    deleted_at = deleted_at or {}
+    return {
+        security_id: expected.versions(history, deleted_at.get(security_id)) for security_id, history in rows.items()
+    }
+
+
+def _deletion_at(warehouse: Warehouse) -> datetime:
+    """When the snapshot recorded the deletion of the security deleted from raw (dbt's clock)."""
+    (row,) = [
+        row
+        for row in warehouse.after_tick.tables["snp_stock_master"]
+        if row["security_id"] == warehouse.deleted_security_id and row["dbt_is_deleted"] == "True"
+    ]
+    return row["dbt_valid_from"]
 
 
 def _without_ids(row: dict[str, Any]) -> dict[str, Any]:
@@ -40,10 +55,14 @@ def _without_ids(row: dict[str, Any]) -> dict[str, Any]:
 
 def _check_marts(warehouse: Warehouse, state_name: str) -> None:
     state = getattr(warehouse, state_name)
-    states = [warehouse.initial.stock_master]
     if state_name == "after_tick":
-        states.append(warehouse.after_tick.stock_master)
-    histories = _histories(*states)
+        histories = _histories(
+            warehouse.initial.stock_master,
+            warehouse.after_tick.stock_master,
+            deleted_at={warehouse.deleted_security_id: _deletion_at(warehouse)},
+        )
+    else:
+        histories = _histories(warehouse.initial.stock_master)
     tables = state.tables
 
     dim = [_without_ids(row) for row in tables["dim_securities"]]
@@ -116,7 +135,15 @@ def test_snapshots_hold_old_and_new_versions_after_a_tick(warehouse: Warehouse) 
         snapshot: dict[int, list[dict[str, Any]]] = {}
         for row in after.tables[table]:
             snapshot.setdefault(row[key], []).append(row)
-        assert snapshot.keys() == rows_after.keys(), table
+        # hard_deletes: new_record. The row deleted from raw keeps its version, closed when dbt saw
+        # it gone, and a deletion row follows.
+        deleted_id = warehouse.deleted_security_id if key == "security_id" else warehouse.deleted_event_id
+        assert snapshot.keys() == rows_after.keys() | {deleted_id}, table
+        kept, deletion = snapshot.pop(deleted_id)
+        assert {c: kept[c] for c in rows_before[deleted_id]} == rows_before[deleted_id]
+        assert kept["dbt_valid_from"] == rows_before[deleted_id][changed_column]
+        assert kept["dbt_valid_to"] == deletion["dbt_valid_from"] > tick_at
+        assert (kept["dbt_is_deleted"], deletion["dbt_is_deleted"], deletion["dbt_valid_to"]) == ("False", "True", None)
         changed = 0
         for row_id, versions in snapshot.items():
             source_columns = rows_after[row_id].keys()
@@ -159,7 +186,9 @@ def test_dim_securities_shows_both_versions_after_a_tick(warehouse: Warehouse) -
             new["security_name_en"],
             new["is_active"],
         )
-    assert sum(row["is_current"] for row in dim) == SECURITIES
+    assert sum(row["is_current"] for row in dim) == SECURITIES - 1
+    (deleted,) = [row for row in dim if row["security_id"] == warehouse.deleted_security_id]
+    assert (deleted["is_current"], deleted["valid_to"]) == (False, _deletion_at(warehouse))
 
 
 def test_fact_events_after_a_tick(warehouse: Warehouse) -> None:
@@ -172,6 +201,10 @@ def test_fact_events_after_a_tick(warehouse: Warehouse) -> None:
     }
     assert len(dropped) == warehouse.tick_changes["deleted_events"] + warehouse.tick_changes["cancelled_events"]
     assert not dropped & facts.keys()
+    assert warehouse.deleted_event_id not in facts, "hard-deleted at the source"
+    assert warehouse.deleted_event_id in {row["event_id"] for row in before.tables["fact_events"]}
+    orphans = [row for row in facts.values() if row["security_id"] == warehouse.deleted_security_id]
+    assert orphans and all(row["security_version_id"] for row in orphans), "events of a deleted security"
     assert dropped <= {row["event_id"] for row in before.tables["fact_events"]}
     new_events = after.edi_690.keys() - before.edi_690.keys()
     assert new_events <= facts.keys()
