@@ -226,13 +226,13 @@ def tick(
         flags = [row[0] for row in conn.execute(sql.SQL(_CHANGE_EVENTS).format(**tables), params).fetchall()]
         # New events: announced in the last three days, so their ex dates lie after the tick, and
         # a third of them on securities that changed in this tick, whose new version they must get.
-        new_events = max(10, events // 200)
+        batch = max(10, events // 200)
         insert_events = sql.SQL("insert into {table} ").format(table=edi_690) + sql.SQL(EVENTS_SELECT).format(
             created_at=sql.SQL("%(tick_at)s::timestamptz"),
             changed_at=sql.SQL("%(tick_at)s::timestamptz"),
             securities_table=stock_master,
         )
-        conn.execute(
+        inserted = conn.execute(
             insert_events,
             {
                 **event_params(seed, "tick-event", max_security_id),
@@ -242,10 +242,12 @@ def tick(
                 "first_announcement": tick_at.date() - timedelta(days=3),
                 "announcement_days": 3,
                 "first_event_id": max_event_id + 1,
-                "last_event_id": max_event_id + new_events,
+                "last_event_id": max_event_id + batch,
                 "tick_at": tick_at,
             },
         )
+        # Fewer than the batch only if the source lost securities (ids drawn for them are skipped).
+        new_events = inserted.rowcount
     changes = {
         "new_events": new_events,
         "amended_events": flags.count("U"),
