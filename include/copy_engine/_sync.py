@@ -272,7 +272,7 @@ def _load_full(src: psycopg.Connection, tgt: psycopg.Connection, table: TableCon
     key_constraint = _drop_primary_key(tgt, names, shape)
     tgt.execute(sql.SQL("truncate {}").format(target))
     rows, size = _stream(src, names.copy_source(plan.columns), {}, tgt, target, plan.columns,
-                         binary=plan.binary, freeze=True)
+                         binary=plan.binary)
     if key_constraint:
         # One in-memory sort for the rebuilt key index (the default 64MB spills at a few million rows).
         tgt.execute("select set_config('maintenance_work_mem', '256MB', true)")
