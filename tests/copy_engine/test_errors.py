@@ -7,6 +7,7 @@ import pytest
 from include.copy_engine import (
     ConfigError,
     ConnectionFailedError,
+    ConnectionRejectedError,
     MissingPrimaryKeyError,
     SourceError,
     TableConfig,
@@ -95,3 +96,13 @@ def test_demo_configuration():
                        "stock_master, edi_690"):
         config.table("nope")
     assert TableConfig(name="x", source="public.x").target == "raw.x"
+
+
+def test_unknown_database_is_terminal(pair):
+    missing = pair.target.rsplit("/", 1)[0] + "/no_such_database"
+    with pytest.raises(ConnectionRejectedError) as raised:
+        sync_table(pair.source, missing, TableConfig(name="stock_master"))
+    assert str(raised.value).startswith(
+        f"stock_master: the target database {missing} refused the connection (")
+    assert 'database "no_such_database" does not exist' in str(raised.value)
+    assert raised.value.report.attempts == 1
