@@ -17,6 +17,7 @@ import logging
 import random
 import resource
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -422,9 +423,11 @@ def _detect_deletes(src: psycopg.Connection, tgt: psycopg.Connection, table: Tab
     ranges = min(max(int(estimate[0]) // 1000 if estimate else 0, _DELETE_RANGES), 16384)
     bounds = boundaries(src, source_keys, first.name, first.type_sql, ranges)
     bucket = bucket_expression(first.name, first.type_sql, bounds)
-    checksum = sql.SQL("hash_record_extended(row({}), 0)::numeric").format(_column_list(key))
-    source_sums = range_sums(src, source_keys, checksum, bucket, bounds)
-    target_sums = range_sums(tgt, target_keys, checksum, bucket, bounds)
+    checksum = sql.SQL("hash_record_extended(row({}), 0)").format(_column_list(key))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        target_future = pool.submit(range_sums, tgt, target_keys, checksum, bucket, bounds)
+        source_sums = range_sums(src, source_keys, checksum, bucket, bounds)
+        target_sums = target_future.result()
     differing = [n for n in target_sums if target_sums[n] != source_sums.get(n)]
     if not differing:
         return 0

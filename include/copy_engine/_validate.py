@@ -42,7 +42,8 @@ def _row_hash(columns: list[str]) -> sql.Composable:
 
 def _row_checksum(columns: list[str], hashable: set[str]) -> sql.Composable:
     items = [sql.Identifier(c) if c in hashable else sql.SQL("{}::text").format(sql.Identifier(c)) for c in columns]
-    return sql.SQL("hash_record_extended(row({}), 0)::numeric").format(sql.SQL(", ").join(items))
+    # sum(bigint) accumulates in 128 bits: no overflow, and much faster than a numeric sum.
+    return sql.SQL("hash_record_extended(row({}), 0)").format(sql.SQL(", ").join(items))
 
 
 _TYPE_SQL = """
