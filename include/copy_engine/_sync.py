@@ -17,8 +17,8 @@ import logging
 import random
 import resource
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import psycopg
@@ -149,13 +149,10 @@ def _release_run_lock(conn: psycopg.Connection, target: str) -> None:
 
 
 def _stream(src: psycopg.Connection, query: sql.Composable, params: dict[str, object],
-            tgt: psycopg.Connection, into: sql.Composable, columns: list[str], *, binary: bool,
-            freeze: bool = False) -> tuple[int, int]:
+            tgt: psycopg.Connection, into: sql.Composable, columns: list[str], *, binary: bool) -> tuple[int, int]:
     """COPY the query's rows from `src` into `into` on `tgt`; returns (rows, bytes). Memory stays bounded."""
     options = [sql.SQL("format binary")] if binary else []
     in_options = list(options)
-    if freeze:
-        in_options.append(sql.SQL("freeze"))
     source = query if isinstance(query, _TableColumns) else sql.SQL("({})").format(query)
     copy_out = sql.SQL("copy {} to stdout {}").format(
         source, sql.SQL("({})").format(sql.SQL(", ").join(options)) if options else sql.SQL(""))
