@@ -111,6 +111,8 @@ def measure(admin_dsn: str, psql: str, args: argparse.Namespace) -> dict[str, ob
     print(f"generating {args.rows} rows ...", file=sys.stderr)
     execute(source, TABLE_DDL)
     execute(source, TABLE_ROWS, (args.rows,))
+    # Incremental sources index their cursor column; the full copies do not read it.
+    execute(source, "create index bench_updated_at on public.bench (updated_at)")
     execute(source, "vacuum analyze public.bench")
     execute(target, "create schema raw")
     with psycopg.connect(source) as conn:
