@@ -67,7 +67,6 @@ _TRANSIENT = (
     pg_errors.CrashShutdown,
     pg_errors.CannotConnectNow,
     pg_errors.TooManyConnections,
-    pg_errors.QueryCanceled,
 )
 
 
