@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 from cosmos import ExecutionConfig, ProfileConfig, ProjectConfig, RenderConfig
 from cosmos.constants import ExecutionMode, InvocationMode, LoadMode, TestBehavior
@@ -22,7 +21,7 @@ from cosmos.profiles import PostgresUserPasswordProfileMapping
 from include.pipeline import PROJECT_ROOT, WAREHOUSE_CONN_ID
 
 DBT_PROJECT_DIR = PROJECT_ROOT / "dbt"
-DBT_MANIFEST = Path(os.environ.get("DBT_TARGET_PATH", DBT_PROJECT_DIR / "target")) / "manifest.json"
+DBT_MANIFEST = DBT_PROJECT_DIR / "target" / "manifest.json"
 DBT_PROJECT_NAME = "postgres_analytics"
 EXECUTION_MODES = ("dbt_runner", "virtualenv", "watcher")
 

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import time
+from datetime import UTC, datetime
 
 from include.local_stack import airflow, runner
 from include.local_stack.settings import SOURCE_CONN_ID, StackSettings
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 
             runner.start_databases(settings)
             seed = args.seed if args.seed is not None else int(time.time())
-            print(f"Applied to the source: {tick(settings.database_url(SOURCE_CONN_ID), seed=seed)}")
+            changed = tick(settings.database_url(SOURCE_CONN_ID), seed=seed, now=datetime.now(UTC))
+            print(f"Applied to the source: {changed}. `make run` copies the changes and runs dbt.")
     except (runner.StackError, airflow.AirflowError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

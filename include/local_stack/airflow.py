@@ -35,6 +35,14 @@ class AirflowError(RuntimeError):
     """The local Airflow did not do what was asked; the message says what to look at."""
 
 
+class AirflowAPIError(AirflowError):
+    """The REST API answered with an error status."""
+
+    def __init__(self, method: str, path: str, status: int, detail: str) -> None:
+        super().__init__(f"{method} {path} answered {status}: {detail[:1000]}")
+        self.status = status
+
+
 def airflow_connection_uri(dsn: str) -> str:
     """An Airflow connection URI (`postgres://…`) for a libpq DSN."""
     params = conninfo_to_dict(dsn)
@@ -86,7 +94,6 @@ def airflow_environment(settings: StackSettings) -> dict[str, str]:
             "AIRFLOW_CONN_WAREHOUSE_POSTGRES": airflow_connection_uri(
                 settings.database_url(WAREHOUSE_CONN_ID)
             ),
-            "DBT_TARGET_PATH": str(settings.root / "dbt" / "target"),
         }
     )
     env.update(settings.extra_env)
@@ -159,35 +166,40 @@ def start(settings: StackSettings) -> None:
     for component in COMPONENTS:
         if component in already:
             continue
-        with (logs / f"{component}.log").open("ab") as out:
-            process = subprocess.Popen(
-                [_airflow_bin(), component],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                cwd=settings.root,
-            )
-        _pid_file(settings, component).write_text(str(process.pid))
-        logger.info("started airflow %s (pid %s)", component, process.pid)
+        # Started through a shell that exits at once: the component is orphaned to init, so it
+        # outlives this command and is never a zombie child of it.
+        log = logs / f"{component}.log"
+        launched = subprocess.run(
+            ["sh", "-c", 'exec "$@" >>"$LOG" 2>&1 </dev/null & echo $!', "sh", _airflow_bin(), component],
+            env={**env, "LOG": str(log)},
+            cwd=settings.root,
+            start_new_session=True,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        pid = int(launched.stdout.strip())
+        _pid_file(settings, component).write_text(str(pid))
+        logger.info("started airflow %s (pid %s, log %s)", component, pid, log)
 
 
 def stop(settings: StackSettings, timeout: float = 30) -> list[str]:
     """Stop every running component (with its task processes); return what was stopped."""
     running = running_components(settings)
-    for pid in running.values():
+    groups = {}
+    for component, pid in running.items():
         try:
-            os.killpg(pid, signal.SIGTERM)
+            groups[component] = os.getpgid(pid)
+            os.killpg(groups[component], signal.SIGTERM)
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + timeout
-    for pid in running.values():
+    for component, pid in running.items():
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if _alive(pid):
+        if _alive(pid) and component in groups:
             try:
-                os.killpg(pid, signal.SIGKILL)
+                os.killpg(groups[component], signal.SIGKILL)
             except ProcessLookupError:
                 pass
     for component in COMPONENTS:
@@ -210,8 +222,11 @@ class AirflowClient:
             headers["Authorization"] = f"Bearer {self._token}"
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
-        with urllib.request.urlopen(request, timeout=30) as response:
-            payload = response.read()
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                payload = response.read()
+        except urllib.error.HTTPError as error:
+            raise AirflowAPIError(method, path, error.code, error.read().decode(errors="replace")) from None
         return json.loads(payload) if payload else None
 
     def login(self) -> None:

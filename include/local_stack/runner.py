@@ -5,8 +5,10 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -87,7 +89,14 @@ def ensure_demo_data(settings: StackSettings) -> dict[str, Any] | None:
         present = conn.execute("select to_regclass('public.stock_master') is not null").fetchone()[0]
     if present:
         return None
-    return generate(url, securities=settings.demo_securities, events=settings.demo_events, seed=settings.demo_seed)
+    # Anchored to the wall clock, so that dbt's source freshness reflects this run.
+    return generate(
+        url,
+        securities=settings.demo_securities,
+        events=settings.demo_events,
+        seed=settings.demo_seed,
+        now=datetime.now(UTC),
+    )
 
 
 def dbt_environment(settings: StackSettings) -> dict[str, str]:
@@ -104,20 +113,32 @@ def dbt_environment(settings: StackSettings) -> dict[str, str]:
 
 
 def build_manifest(settings: StackSettings) -> Path:
-    """`dbt parse` writes dbt/target/manifest.json, which Cosmos renders the DAG from."""
+    """`dbt parse` writes dbt/target/manifest.json, which Cosmos renders the transform DAG from.
+
+    Parsed into a scratch folder and moved into place in one rename: a DAG file parsed meanwhile
+    reads the old manifest or the new one, never half of one.
+    """
     project = settings.root / "dbt"
     manifest = project / "target" / "manifest.json"
-    sources = [p for p in project.rglob("*") if p.is_file() and not p.is_relative_to(project / "target")
-               and not p.is_relative_to(project / "logs")]  # fmt: skip
+    generated = {project / "target", project / "logs"}
+    sources = [p for p in project.rglob("*") if p.is_file() and not any(p.is_relative_to(g) for g in generated)]
     if manifest.exists() and all(p.stat().st_mtime <= manifest.stat().st_mtime for p in sources):
         return manifest
-    dbt = Path(sys.executable).with_name("dbt")
-    result = subprocess.run(
-        [str(dbt), "parse", "--project-dir", str(project), "--profiles-dir", str(project)],
-        env=dbt_environment(settings), capture_output=True, text=True, cwd=project,
-    )  # fmt: skip
-    if result.returncode != 0:
-        raise StackError(f"`dbt parse` failed, so the transform DAG cannot be rendered:\n{result.stdout[-3000:]}")
+    manifest.parent.mkdir(exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".parse-", dir=manifest.parent))
+    try:
+        result = subprocess.run(
+            [str(Path(sys.executable).with_name("dbt")), "parse", "--project-dir", str(project),
+             "--profiles-dir", str(project), "--target-path", str(scratch), "--log-path", str(scratch)],
+            env=dbt_environment(settings), capture_output=True, text=True, cwd=project,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise StackError(f"`dbt parse` failed, so the transform DAG cannot be rendered:\n{result.stdout[-3000:]}")
+        # Cosmos hands the partial-parse state to each task's dbt, which then skips a full parse.
+        os.replace(scratch / "partial_parse.msgpack", manifest.parent / "partial_parse.msgpack")
+        os.replace(scratch / "manifest.json", manifest)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return manifest
 
 
@@ -134,20 +155,20 @@ def apply_pools_and_variables(client: airflow.AirflowClient) -> None:
     """The pools and variables of airflow_settings.yaml, as `astro dev start` would load them."""
     declared = load_airflow_settings()
     for pool in declared["pools"]:
-        body = {"name": pool["pool_name"], "slots": int(pool["pool_slot"]),
-                "description": pool.get("pool_description") or ""}  # fmt: skip
+        name, slots, description = pool["pool_name"], int(pool["pool_slot"]), pool.get("pool_description") or ""
         try:
-            client.patch(f"/api/v2/pools/{pool['pool_name']}", body)
-        except airflow.urllib.error.HTTPError as error:
-            if error.code != 404:
+            body = {"pool": name, "slots": slots, "description": description, "include_deferred": False}
+            client.patch(f"/api/v2/pools/{name}", body)
+        except airflow.AirflowAPIError as error:
+            if error.status != 404:
                 raise
-            client.post("/api/v2/pools", body)
+            client.post("/api/v2/pools", {"name": name, "slots": slots, "description": description})
     for variable in declared["variables"]:
         body = {"key": variable["variable_name"], "value": str(variable.get("variable_value") or "")}
         try:
             client.patch(f"/api/v2/variables/{variable['variable_name']}", body)
-        except airflow.urllib.error.HTTPError as error:
-            if error.code != 404:
+        except airflow.AirflowAPIError as error:
+            if error.status != 404:
                 raise
             client.post("/api/v2/variables", body)
 

@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import psycopg
 import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from include.local_stack import airflow, runner
 from include.local_stack.postgres import free_port
@@ -42,11 +46,27 @@ def stack(request, tmp_path_factory) -> Iterator[RunningStack]:
     """A real Airflow whose warehouse is the embedded PostgreSQL 18, or the machine's PostgreSQL 15."""
     warehouse_url = None
     if request.param == "pg15":
-        warehouse_url = request.getfixturevalue("pg15").new_database("e2e_warehouse")
+        pg15 = request.getfixturevalue("pg15")
+        warehouse_url = pg15.new_database("e2e_warehouse")
+        warehouse_url, role = owned_by_new_login_role(pg15.admin_dsn, warehouse_url)
     running = start_stack(tmp_path_factory.mktemp(f"stack_{request.param}"), warehouse_url)
     try:
         yield running
     finally:
         runner.stop(running.settings)
         if warehouse_url:
-            request.getfixturevalue("pg15").drop_database(warehouse_url)
+            pg15.drop_database(warehouse_url)
+            with psycopg.connect(pg15.admin_dsn, autocommit=True) as conn:
+                conn.execute(sql.SQL("drop role if exists {}").format(sql.Identifier(role)))
+
+
+def owned_by_new_login_role(admin_dsn: str, database_url: str) -> tuple[str, str]:
+    """A warehouse as users have one: owned by a password login role that is not a superuser."""
+    params = conninfo_to_dict(database_url)
+    role, password = f"loader_{secrets.token_hex(4)}", secrets.token_urlsafe(16)
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("create role {} login password {}").format(sql.Identifier(role), sql.Literal(password)))
+        conn.execute(
+            sql.SQL("alter database {} owner to {}").format(sql.Identifier(params["dbname"]), sql.Identifier(role))
+        )
+    return make_conninfo(database_url, user=role, password=password), role
