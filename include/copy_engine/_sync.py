@@ -46,7 +46,7 @@ from ._schema import (
     user_types,
 )
 from ._state import ensure_state_tables, read_watermark, record_run, write_state
-from ._validate import RowSet, boundaries, bucket_expression, compare, range_sums
+from ._validate import RowSet, boundaries, bucket_expression, compare, key_checksum, range_sums
 
 logger = logging.getLogger(__name__)
 
@@ -399,6 +399,33 @@ def _upsert(tgt: psycopg.Connection, names: _Names, shape: Shape, plan: TargetPl
     return int(row[0]), int(row[1])
 
 
+def _key_range_condition(key: str, key_type: str, bounds: list[str],
+                         numbers: list[int]) -> tuple[sql.Composable, dict[str, object]]:
+    """`key >= lower and key < upper or …` for the given ranges (adjacent ones merged), so both sides
+    read them through the primary-key index instead of scanning the table."""
+    spans: list[tuple[str | None, str | None]] = []
+    for number in numbers:
+        lower = bounds[number - 1] if 0 < number <= len(bounds) else None
+        upper = bounds[number] if number < len(bounds) else None
+        if spans and spans[-1][1] is not None and spans[-1][1] == lower:
+            spans[-1] = (spans[-1][0], upper)
+        else:
+            spans.append((lower, upper))
+    column, type_sql = sql.Identifier(key), sql.SQL(key_type)
+    params: dict[str, object] = {}
+    alternatives: list[sql.Composable] = []
+    for index, (lower, upper) in enumerate(spans):
+        parts: list[sql.Composable] = []
+        if lower is not None:
+            params[f"lower_{index}"] = lower
+            parts.append(sql.SQL("{} >= {}::{}").format(column, sql.Placeholder(f"lower_{index}"), type_sql))
+        if upper is not None:
+            params[f"upper_{index}"] = upper
+            parts.append(sql.SQL("{} < {}::{}").format(column, sql.Placeholder(f"upper_{index}"), type_sql))
+        alternatives.append(sql.SQL("({})").format(sql.SQL(" and ").join(parts)) if parts else sql.SQL("true"))
+    return sql.SQL("({})").format(sql.SQL(" or ").join(alternatives) or sql.SQL("false")), params
+
+
 def _detect_deletes(src: psycopg.Connection, tgt: psycopg.Connection, table: TableConfig, names: _Names,
                     shape: Shape, plan: TargetPlan) -> int:
     """Find target keys missing from the source snapshot and delete (or mark) those rows.
@@ -420,7 +447,7 @@ def _detect_deletes(src: psycopg.Connection, tgt: psycopg.Connection, table: Tab
     ranges = min(max(int(estimate[0]) // 1000 if estimate else 0, _DELETE_RANGES), 16384)
     bounds = boundaries(src, source_keys, first.name, first.type_sql, ranges)
     bucket = bucket_expression(first.name, first.type_sql, bounds)
-    checksum = sql.SQL("hash_record_extended(row({}), 0)").format(_column_list(key))
+    checksum = key_checksum(key, first.type_sql)
     with ThreadPoolExecutor(max_workers=1) as pool:
         target_future = pool.submit(range_sums, tgt, target_keys, checksum, bucket, bounds)
         source_sums = range_sums(src, source_keys, checksum, bucket, bounds)
@@ -431,8 +458,8 @@ def _detect_deletes(src: psycopg.Connection, tgt: psycopg.Connection, table: Tab
     logger.info("%s: %d of %d key range(s) differ; comparing their keys", table.name, len(differing),
                 len(target_sums))
     keys = sql.Identifier(_KEYS)
-    in_ranges = sql.SQL("{} = any(%(buckets)s)").format(bucket)
-    params: dict[str, object] = {"bounds": bounds, "buckets": [n for n in differing if n is not None] or [0]}
+    in_ranges, params = _key_range_condition(first.name, first.type_sql, bounds,
+                                             sorted(n for n in differing if n is not None))
     tgt.execute(sql.SQL("create temporary table {} on commit drop as select {} from {} with no data").format(
         keys, _column_list(key), names.target))
     _stream(src, names.copy_source(key, in_ranges), params, tgt, keys, key, binary=plan.binary)
