@@ -121,3 +121,20 @@ def test_custom_where_select_and_count(pair):
     assert report.validation.match is True
     assert report.validation.source_rows == 10
     assert pair.scalar(pair.target, "select sum(security_id) from raw.stock_even") == sum(range(2, 21, 2))
+
+
+def test_delete_detection_with_a_composite_text_key(pair):
+    pair.run(pair.source, "create table public.listings (mic text, ticker text, name text, changed_at int, "
+             "primary key (mic, ticker))")
+    pair.run(pair.source, "insert into public.listings select 'X' || (i % 3), 'T' || i, 'n', 1 "
+             "from generate_series(1, 3000) as i")
+    table = TableConfig(name="listings", source="public.listings", mode="incremental", cursor_column="changed_at",
+                        delete_detection="hard")
+    sync_table(pair.source, pair.target, table)
+    pair.run(pair.source, "delete from public.listings where ticker in ('T7', 'T1500', 'T2999')")
+
+    report = sync_table(pair.source, pair.target, table)
+
+    assert (report.rows_read, report.rows_deleted) == (0, 3)
+    assert report.validation.match is True
+    assert pair.scalar(pair.target, "select count(*) from raw.listings") == 2997
