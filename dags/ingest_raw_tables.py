@@ -8,6 +8,8 @@ column, delete detection and checksum validation.
 
 - `check_connections` fails first, with one clear message, when a database cannot be reached.
 - `sync_table` is mapped: one task per table, named after it, limited by the `source_postgres` pool.
+- A failure alerts through Slack and email when the `slack_alerts` / `smtp_alerts` connections
+  exist (docs/alerts.md); a validation mismatch alerts too and fails without retrying.
 - Each successful copy emits an event on its raw table's Asset, with the rows inserted, updated and
   deleted attached; `transform_dbt` is scheduled on those Assets.
 """
@@ -18,7 +20,8 @@ from datetime import UTC, datetime, timedelta
 
 from airflow.sdk import AssetAlias, dag, get_current_context, task
 
-from include.ingestion import asset_event_extra, configured_tables, sync_configured_table
+from include.alerts import failure_callbacks
+from include.ingestion import asset_event_extra, configured_tables, sync_in_task
 from include.pipeline import (
     SOURCE_CONN_ID,
     SOURCE_POOL,
@@ -45,6 +48,7 @@ TABLES = configured_tables()
         "retry_delay": timedelta(seconds=30),
         "retry_exponential_backoff": True,
         "max_retry_delay": timedelta(minutes=10),
+        "on_failure_callback": failure_callbacks(),
     },
 )
 def ingest_raw_tables():
@@ -54,8 +58,9 @@ def ingest_raw_tables():
 
     @task(pool=SOURCE_POOL, outlets=[RAW_TABLES], map_index_template="{{ table_name }}")
     def sync_table(table_name: str, *, outlet_events=None) -> dict:
-        get_current_context()["table_name"] = table_name
-        report = sync_configured_table(table_name, database_dsn(SOURCE_CONN_ID), database_dsn(WAREHOUSE_CONN_ID))
+        context = get_current_context()
+        context["table_name"] = table_name
+        report = sync_in_task(table_name, database_dsn(SOURCE_CONN_ID), database_dsn(WAREHOUSE_CONN_ID), context)
         target = next(t.target for t in TABLES if t.name == table_name)
         outlet_events[RAW_TABLES].add(raw_table_asset(target), extra=asset_event_extra(report))
         return report.to_dict()

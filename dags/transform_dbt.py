@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from airflow.sdk import dag, get_current_context, task
 from cosmos import DbtTaskGroup
 
+from include.alerts import failure_callbacks
 from include.dbt_config import execution_config, profile_config, project_config, render_config
 from include.ingestion import configured_tables
 from include.pipeline import describe_asset_events, raw_table_asset
@@ -50,6 +51,7 @@ def _all_of(assets):
         "retry_delay": timedelta(seconds=30),
         "retry_exponential_backoff": True,
         "max_retry_delay": timedelta(minutes=5),
+        "on_failure_callback": failure_callbacks(),
     },
 )
 def transform_dbt():

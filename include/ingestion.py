@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
-from include.copy_engine import SyncReport, TableConfig, load_config, sync_table
+from include.alerts import send_validation_alert
+from include.copy_engine import (
+    SyncReport,
+    TableConfig,
+    TerminalError,
+    ValidationMismatchError,
+    load_config,
+    sync_table,
+)
 from include.pipeline import TABLES_CONFIG
 
 logger = logging.getLogger(__name__)
@@ -25,6 +34,24 @@ def sync_configured_table(name: str, source_dsn: str, warehouse_dsn: str) -> Syn
     report = sync_table(source_dsn, warehouse_dsn, table_config(name))
     logger.info("%s", report.summary())
     return report
+
+
+def sync_in_task(name: str, source_dsn: str, warehouse_dsn: str, context: Mapping[str, Any]) -> SyncReport:
+    """`sync_configured_table` as an Airflow task runs it.
+
+    Transient errors (a dropped connection, a concurrent run) propagate and Airflow retries them
+    with backoff. Terminal ones (a missing table, a type conflict, a validation mismatch) fail the
+    task at once: retrying cannot fix them, a person has to. A mismatch also sends an alert.
+    """
+    from airflow.sdk.exceptions import AirflowFailException
+
+    try:
+        return sync_configured_table(name, source_dsn, warehouse_dsn)
+    except ValidationMismatchError as error:
+        send_validation_alert(context, name, str(error))
+        raise AirflowFailException(str(error)) from error
+    except TerminalError as error:
+        raise AirflowFailException(str(error)) from error
 
 
 def asset_event_extra(report: SyncReport) -> dict[str, Any]:

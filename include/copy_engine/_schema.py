@@ -244,11 +244,27 @@ def user_types(conn: psycopg.Connection, columns: list[Column], *, table: str) -
     return ordered
 
 
+def create_schema_if_missing(conn: psycopg.Connection, name: str) -> None:
+    """`create schema if not exists` that tolerates a concurrent first run creating it too.
+
+    Two tables loading into a new schema at once both insert it into pg_namespace; the second
+    waits for the first and then fails on the unique index. A savepoint keeps that from
+    aborting the data transaction.
+    """
+    if conn.execute("select 1 from pg_namespace where nspname = %s", (name,)).fetchone():
+        return
+    try:
+        with conn.transaction():
+            conn.execute(sql.SQL("create schema if not exists {}").format(sql.Identifier(name)))
+    except psycopg.errors.UniqueViolation:
+        logger.info("schema %s was created by a concurrent run", name)
+
+
 def ensure_types(conn: psycopg.Connection, types: list[UserType]) -> list[str]:
     """Create missing types in the target; add enum labels the target lacks. Returns the changes."""
     changes: list[str] = []
     for user_type in types:
-        conn.execute(sql.SQL("create schema if not exists {}").format(sql.Identifier(user_type.schema)))
+        create_schema_if_missing(conn, user_type.schema)
         exists = conn.execute(
             "select t.oid::int from pg_type as t join pg_namespace as n on n.oid = t.typnamespace "
             "where n.nspname = %s and t.typname = %s", (user_type.schema, user_type.name)).fetchone()
@@ -312,7 +328,7 @@ def prepare_target(
     need_key: bool,
 ) -> TargetPlan:
     """Create the target table or bring it in line with the source; runs in the data transaction."""
-    conn.execute(sql.SQL("create schema if not exists {}").format(sql.Identifier(schema_name)))
+    create_schema_if_missing(conn, schema_name)
     target = sql.Identifier(schema_name, relation)
     oid = relation_oid(conn, schema_name, relation)
     changes: list[str] = []

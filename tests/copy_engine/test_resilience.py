@@ -136,3 +136,31 @@ def test_a_second_run_on_the_same_target_waits_or_fails_clearly(pair):
     assert results["second"].finished_at > results["first"].finished_at
     assert results["second"].rows_deleted == 5000  # it replaced what the first run wrote, not interleaved
     assert pair.scalar(pair.target, "select count(*) from raw.ticks") == 5000
+
+
+def test_two_tables_loading_into_a_new_schema_at_once_both_succeed(pair):
+    """Mapped Airflow tasks copy several tables at the same moment into a schema none has made yet."""
+    for name in ("left_t", "right_t"):
+        pair.run(pair.source, f"create table public.{name} (id int primary key, v text)")
+        pair.run(pair.source, f"insert into public.{name} select i, 'v' || i from generate_series(1, 20000) as i")
+    barrier = threading.Barrier(2)
+    reports, errors = {}, []
+
+    def load(name):
+        barrier.wait()
+        try:
+            reports[name] = sync_table(pair.source, pair.target, TableConfig(name=name, source=f"public.{name}",
+                                                                            target=f"fresh_schema.{name}"))
+        except Exception as error:  # the assertion below shows it
+            errors.append(error)
+
+    threads = [threading.Thread(target=load, args=(name,)) for name in ("left_t", "right_t")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert errors == []
+    assert {name: report.to_dict()["rows_inserted"] for name, report in reports.items()} == {
+        "left_t": 20000, "right_t": 20000}
+    assert pair.scalar(pair.target, "select count(*) from fresh_schema.left_t") == 20000
+    assert pair.scalar(pair.target, "select count(*) from fresh_schema.right_t") == 20000

@@ -9,10 +9,10 @@ from collections import Counter
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from include.local_stack import airflow, runner
 from include.local_stack.settings import SOURCE_CONN_ID, WAREHOUSE_CONN_ID
-from include.pipeline import raw_table_uri
 
 pytestmark = pytest.mark.e2e
 
@@ -37,6 +37,12 @@ def failure_report(stack) -> str:
     return "\n".join(parts)
 
 
+def raw_table_uri(stack, table: str) -> str:
+    """The Asset URI the DAGs must use: where the stack's warehouse really is."""
+    params = conninfo_to_dict(stack.settings.database_url(WAREHOUSE_CONN_ID))
+    return f"postgres://{params['host']}:{params['port']}/{params['dbname']}/raw/{table}"
+
+
 def source_rows(stack, query: str) -> list[tuple]:
     with psycopg.connect(stack.settings.database_url(SOURCE_CONN_ID)) as conn:
         return conn.execute(query).fetchall()
@@ -53,9 +59,9 @@ def test_ingestion_copies_every_table_and_reports_it_on_the_assets(stack, pipeli
     securities = source_rows(stack, "select count(*) from public.stock_master")[0][0]
     events = source_rows(stack, "select count(*) from public.edi_690")[0][0]
     assert (securities, events) == (400, 4000)
-    assert set(pipeline_run.tables) == {raw_table_uri("raw.stock_master"), raw_table_uri("raw.edi_690")}
-    assert pipeline_run.tables[raw_table_uri("raw.stock_master")]["rows_inserted"] == securities
-    assert pipeline_run.tables[raw_table_uri("raw.edi_690")]["rows_inserted"] == events
+    assert set(pipeline_run.tables) == {raw_table_uri(stack, "stock_master"), raw_table_uri(stack, "edi_690")}
+    assert pipeline_run.tables[raw_table_uri(stack, "stock_master")]["rows_inserted"] == securities
+    assert pipeline_run.tables[raw_table_uri(stack, "edi_690")]["rows_inserted"] == events
     assert all(extra["validation_match"] is True for extra in pipeline_run.tables.values())
     assert warehouse_rows(stack, "select count(*) from raw.stock_master")[0][0] == securities
     assert warehouse_rows(stack, "select count(*) from raw.edi_690")[0][0] == events
@@ -69,7 +75,7 @@ def test_transform_was_triggered_by_the_raw_assets_and_succeeded(stack, pipeline
     events = stack.client.get(f"/api/v2/dags/{runner.TRANSFORM_DAG}/dagRuns/{run_id}/upstreamAssetEvents")
     triggered_by = {(event["uri"], event["source_run_id"]) for event in events["asset_events"]}
     ingest_run = pipeline_run.ingest["dag_run_id"]
-    assert triggered_by == {(raw_table_uri("raw.stock_master"), ingest_run), (raw_table_uri("raw.edi_690"), ingest_run)}
+    assert triggered_by == {(raw_table_uri(stack, t), ingest_run) for t in ("stock_master", "edi_690")}
     states = pipeline_run.task_states[runner.TRANSFORM_DAG]
     assert set(states) == {"success"}
     assert states["success"] >= 10, "every dbt node should be its own task"
