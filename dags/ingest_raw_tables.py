@@ -20,7 +20,6 @@ from datetime import UTC, datetime, timedelta
 
 from airflow.sdk import AssetAlias, dag, get_current_context, task
 
-from include.alerts import failure_callbacks
 from include.ingestion import asset_event_extra, configured_tables, sync_in_task
 from include.pipeline import (
     SOURCE_CONN_ID,
@@ -29,6 +28,7 @@ from include.pipeline import (
     check_database,
     database_dsn,
     raw_table_asset,
+    task_defaults,
 )
 
 RAW_TABLES = AssetAlias("raw_tables")
@@ -42,14 +42,7 @@ TABLES = configured_tables()
     max_active_runs=1,
     tags=["ingestion", "copy_engine"],
     doc_md=__doc__,
-    default_args={
-        "owner": "data-platform",
-        "retries": 3,
-        "retry_delay": timedelta(seconds=30),
-        "retry_exponential_backoff": True,
-        "max_retry_delay": timedelta(minutes=10),
-        "on_failure_callback": failure_callbacks(),
-    },
+    default_args=task_defaults("data-platform", retries=3, max_retry_delay=timedelta(minutes=10)),
 )
 def ingest_raw_tables():
     @task

@@ -17,10 +17,9 @@ from datetime import UTC, datetime, timedelta
 from airflow.sdk import dag, get_current_context, task
 from cosmos import DbtTaskGroup
 
-from include.alerts import failure_callbacks
 from include.dbt_config import execution_config, profile_config, project_config, render_config
 from include.ingestion import configured_tables
-from include.pipeline import describe_asset_events, raw_table_asset
+from include.pipeline import describe_asset_events, raw_table_asset, task_defaults
 
 RAW_ASSETS = [raw_table_asset(table.target) for table in configured_tables()]
 LAYERS = {
@@ -45,14 +44,7 @@ def _all_of(assets):
     max_active_runs=1,
     tags=["transform", "dbt", "cosmos"],
     doc_md=__doc__,
-    default_args={
-        "owner": "analytics",
-        "retries": 2,
-        "retry_delay": timedelta(seconds=30),
-        "retry_exponential_backoff": True,
-        "max_retry_delay": timedelta(minutes=5),
-        "on_failure_callback": failure_callbacks(),
-    },
+    default_args=task_defaults("analytics", retries=2, max_retry_delay=timedelta(minutes=5)),
 )
 def transform_dbt():
     @task

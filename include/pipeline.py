@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Mapping
+from datetime import timedelta
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,20 @@ def warehouse_location() -> tuple[str, int, str]:
         connections = yaml.safe_load(handle)["airflow"]["connections"]
     conn = next(c for c in connections if c["conn_id"] == WAREHOUSE_CONN_ID)
     return conn["conn_host"], int(conn["conn_port"]), conn["conn_schema"]
+
+
+def task_defaults(owner: str, *, retries: int, max_retry_delay: timedelta) -> dict[str, Any]:
+    """The DAGs' shared task policy: retries with exponential backoff, and alerts on failure."""
+    from include.alerts import failure_callbacks
+
+    return {
+        "owner": owner,
+        "retries": retries,
+        "retry_delay": timedelta(seconds=30),
+        "retry_exponential_backoff": True,
+        "max_retry_delay": max_retry_delay,
+        "on_failure_callback": failure_callbacks(),
+    }
 
 
 def raw_table_uri(target_table: str) -> str:
