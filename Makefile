@@ -39,7 +39,8 @@ lint: install
 	$(BIN)/ruff check dags include tests bench
 
 bench: install manifest  ## benchmarks: ratios against baselines measured in the same run
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench.copy_engine_bench
+	$(BIN)/python -m bench.dbt_execution_modes
 
 clean: stop
 	rm -rf .data dbt/target dbt/logs
