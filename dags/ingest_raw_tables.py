@@ -27,8 +27,8 @@ from include.pipeline import (
     WAREHOUSE_CONN_ID,
     check_database,
     database_dsn,
-    raw_table_asset,
     task_defaults,
+    warehouse_table_asset,
 )
 
 RAW_TABLES = AssetAlias("raw_tables")
@@ -55,7 +55,7 @@ def ingest_raw_tables():
         context["table_name"] = table_name
         report = sync_in_task(table_name, database_dsn(SOURCE_CONN_ID), database_dsn(WAREHOUSE_CONN_ID), context)
         target = next(t.target for t in TABLES if t.name == table_name)
-        outlet_events[RAW_TABLES].add(raw_table_asset(target), extra=asset_event_extra(report))
+        outlet_events[RAW_TABLES].add(warehouse_table_asset(target), extra=asset_event_extra(report))
         return report.to_dict()
 
     check_connections() >> sync_table.expand(table_name=[t.name for t in TABLES])

@@ -19,9 +19,9 @@ from cosmos import DbtTaskGroup
 
 from include.dbt_config import execution_config, profile_config, project_config, render_config
 from include.ingestion import configured_tables
-from include.pipeline import describe_asset_events, raw_table_asset, task_defaults
+from include.pipeline import describe_asset_events, task_defaults, warehouse_table_asset
 
-RAW_ASSETS = [raw_table_asset(table.target) for table in configured_tables()]
+RAW_ASSETS = [warehouse_table_asset(table.target) for table in configured_tables()]
 LAYERS = {
     "snapshots": "path:snapshots",
     "staging": "path:models/staging",

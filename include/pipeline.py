@@ -63,18 +63,22 @@ def task_defaults(owner: str, *, retries: int, max_retry_delay: timedelta) -> di
     }
 
 
-def raw_table_uri(target_table: str) -> str:
-    """`postgres://host:port/database/schema/table` for a warehouse table `schema.table`."""
+def warehouse_table_uri(table: str) -> str:
+    """`postgres://host:port/database/schema/table` for a warehouse table `schema.table`.
+
+    The form Cosmos gives the Assets it emits for dbt models, so one function names both the raw
+    tables the ingestion emits and the marts a downstream DAG waits for.
+    """
     host, port, database = warehouse_location()
-    schema, _, table = target_table.rpartition(".")
-    return f"postgres://{host}:{port}/{database}/{schema or 'public'}/{table}"
+    schema, _, name = table.rpartition(".")
+    return f"postgres://{host}:{port}/{database}/{schema or 'public'}/{name}"
 
 
-def raw_table_asset(target_table: str):  # -> airflow.sdk.Asset
-    """The Asset of a raw table; the ingestion DAG emits it and the transform DAG is scheduled on it."""
+def warehouse_table_asset(table: str):  # -> airflow.sdk.Asset
+    """The Asset of a warehouse table (a raw table, or a mart that Cosmos emits)."""
     from airflow.sdk import Asset
 
-    return Asset(uri=raw_table_uri(target_table))
+    return Asset(uri=warehouse_table_uri(table))
 
 
 def describe_asset_events(events_by_key: Mapping[Any, Iterable[Any]]) -> list[str]:

@@ -12,7 +12,7 @@ import pytest
 
 from tests.dags.conftest import DAGS_FOLDER, PROJECT_ROOT, airflow_test_environment
 
-EXPECTED_DAGS = {"ingest_raw_tables", "transform_dbt"}
+EXPECTED_DAGS = {"ingest_raw_tables", "transform_dbt", "report_corporate_actions"}
 
 
 def test_every_dag_file_imports_without_error(dag_bag):
@@ -45,12 +45,12 @@ def test_ingestion_maps_one_task_per_configured_table(dag_bag):
 
 def test_transform_is_scheduled_on_every_raw_table_asset(dag_bag):
     from include.ingestion import configured_tables
-    from include.pipeline import raw_table_uri
+    from include.pipeline import warehouse_table_uri
 
     dag = dag_bag.dags["transform_dbt"]
     condition = dag.timetable.asset_condition
     assert type(condition).__name__ == "AssetAll"
-    assert {asset.uri for asset in condition.objects} == {raw_table_uri(t.target) for t in configured_tables()}
+    assert {asset.uri for asset in condition.objects} == {warehouse_table_uri(t.target) for t in configured_tables()}
 
 
 def test_transform_renders_every_dbt_layer_as_tasks(dag_bag):
@@ -85,3 +85,10 @@ def test_ruff_with_airflow3_rules_passes_on_dags_and_include():
         cwd=PROJECT_ROOT, capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_example_consumer_waits_for_the_asset_cosmos_emits_for_fact_events(dag_bag):
+    from include.pipeline import warehouse_table_uri
+
+    dag = dag_bag.dags["report_corporate_actions"]
+    assert [asset.uri for asset in dag.timetable.asset_condition.objects] == [warehouse_table_uri("marts.fact_events")]

@@ -16,6 +16,10 @@ from include.local_stack.settings import SOURCE_CONN_ID, WAREHOUSE_CONN_ID
 
 pytestmark = pytest.mark.e2e
 
+# The feed's event codes and the readable types the models give them.
+EVENT_TYPES = {"DIV": "dividend", "SD": "split", "CONSD": "consolidation", "BON": "bonus_issue",
+               "RTS": "rights_issue", "MRGR": "merger", "DMRGR": "demerger", "CAPRD": "capital_reduction"}  # fmt: skip
+
 
 @pytest.fixture(scope="module")
 def pipeline_run(stack):
@@ -92,6 +96,22 @@ def test_marts_hold_the_values_computed_from_the_source(stack, pipeline_run):
     securities = dict(source_rows(stack, "select security_id, ticker from public.stock_master"))
     current = dict(warehouse_rows(stack, "select security_id, ticker from marts.dim_securities where is_current"))
     assert current == securities
+
+
+def test_the_example_consumer_is_triggered_by_the_asset_cosmos_emits_for_fact_events(stack, pipeline_run):
+    run = airflow.wait_for_new_run(stack.client, "report_corporate_actions", set(), "asset_triggered", timeout=300)
+    assert run["state"] == "success"
+    run_id = run["dag_run_id"]
+    events = stack.client.get(f"/api/v2/dags/report_corporate_actions/dagRuns/{run_id}/upstreamAssetEvents")
+    uris = {event["uri"] for event in events["asset_events"]}
+    params = conninfo_to_dict(stack.settings.database_url(WAREHOUSE_CONN_ID))
+    assert uris == {f"postgres://{params['host']}:{params['port']}/{params['dbname']}/marts/fact_events"}
+    xcom = stack.client.get(
+        f"/api/v2/dags/report_corporate_actions/dagRuns/{run_id}/taskInstances/count_live_events_by_type"
+        "/xcomEntries/return_value"
+    )
+    live_codes = source_rows(stack, "select event_code from public.edi_690 where action_flag not in ('D', 'C')")
+    assert xcom["value"] == dict(Counter(EVENT_TYPES[code] for (code,) in live_codes))
 
 
 def test_summary_names_tables_nodes_tests_and_the_ui(stack, pipeline_run):
