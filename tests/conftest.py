@@ -8,9 +8,12 @@ each. Database tests never skip: a server that cannot be reached fails the test 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -44,8 +47,26 @@ class PostgresServer:
 
 
 @pytest.fixture(scope="session")
-def pg18(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg18") / "data", free_port(), throwaway=True)
+def server_dirs() -> Iterator[Callable[[str], Path]]:
+    """Folders for embedded servers, outside pytest's tmp tree.
+
+    Every new pytest session chmods its `pytest-of-<user>` folder back to 0700, which would lock
+    the servers' service user out of a data directory below it while another session runs.
+    """
+    made: list[Path] = []
+
+    def make(prefix: str) -> Path:
+        made.append(Path(tempfile.mkdtemp(prefix=f"{prefix}-")))
+        return made[-1]
+
+    yield make
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg18(server_dirs: Callable[[str], Path]) -> Iterator[PostgresServer]:
+    server = EmbeddedPostgres(server_dirs("pg18") / "data", free_port(), throwaway=True)
     server.start()
     try:
         yield PostgresServer("pg18", server.dsn())

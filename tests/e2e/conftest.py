@@ -42,14 +42,14 @@ def start_stack(data_dir, warehouse_url: str | None) -> RunningStack:
 
 
 @pytest.fixture(scope="module", params=["pg18", "pg15"])
-def stack(request, tmp_path_factory) -> Iterator[RunningStack]:
+def stack(request, server_dirs) -> Iterator[RunningStack]:
     """A real Airflow whose warehouse is the embedded PostgreSQL 18, or the machine's PostgreSQL 15."""
     warehouse_url = None
     if request.param == "pg15":
         pg15 = request.getfixturevalue("pg15")
         warehouse_url = pg15.new_database("e2e_warehouse")
         warehouse_url, role = owned_by_new_login_role(pg15.admin_dsn, warehouse_url)
-    running = start_stack(tmp_path_factory.mktemp(f"stack_{request.param}"), warehouse_url)
+    running = start_stack(server_dirs(f"stack-{request.param}"), warehouse_url)
     try:
         yield running
     finally:

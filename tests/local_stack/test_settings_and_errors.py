@@ -24,10 +24,10 @@ def test_passwords_are_masked_and_survive_the_connection_uri():
     assert airflow_connection_uri(dsn) == "postgres://loader:s3cr%2Ft@db.example:6543/warehouse"
 
 
-def test_unreachable_warehouse_url_names_the_connection_and_the_fix(tmp_path):
+def test_unreachable_warehouse_url_names_the_connection_and_the_fix(server_dirs):
     port = free_port()
     settings = StackSettings(
-        data_dir=tmp_path / "data",
+        data_dir=server_dirs("unreachable") / "data",
         postgres_port=free_port(),
         warehouse_url=f"postgresql://loader:hunter2@127.0.0.1:{port}/warehouse",
     )
