@@ -24,6 +24,15 @@ from ._errors import (
     TransientError,
     ValidationMismatchError,
 )
+from ._parallel import (
+    ParallelPlan,
+    SnapshotReleasedError,
+    abandon_parallel_copy,
+    copy_range,
+    finish_parallel_copy,
+    hold_snapshot,
+    plan_parallel_copy,
+)
 from ._report import RangeDifference, SyncReport, ValidationResult
 from ._sync import sync_table, validate_table
 
@@ -35,8 +44,10 @@ __all__ = [
     "CopyEngineError",
     "EngineConfig",
     "MissingPrimaryKeyError",
+    "ParallelPlan",
     "RangeDifference",
     "SchemaConflictError",
+    "SnapshotReleasedError",
     "SourceError",
     "SyncReport",
     "TableConfig",
@@ -44,9 +55,14 @@ __all__ = [
     "TransientError",
     "ValidationMismatchError",
     "ValidationResult",
+    "abandon_parallel_copy",
+    "copy_range",
+    "finish_parallel_copy",
+    "hold_snapshot",
     "load_config",
     "mask_dsn",
     "parse_config",
+    "plan_parallel_copy",
     "sync_table",
     "validate_table",
 ]

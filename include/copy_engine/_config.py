@@ -113,8 +113,10 @@ class TableConfig:
             )
         if self.parallel < 1:
             raise ConfigError("parallel must be at least 1", table=self.name)
-        if self.parallel > 1 and self.mode != "full":
-            raise ConfigError("parallel copy is for mode full; incremental batches are small", table=self.name)
+        if self.large and self.parallel == 1:
+            # `large: true` is the older spelling of `parallel: 2`; `parallel: N` says how many ranges.
+            object.__setattr__(self, "parallel", 2)
+        # An incremental table with `parallel` splits only its full copies (the first load).
         if self.retries < 0 or self.validation_ranges < 1:
             raise ConfigError("retries must be >= 0 and validation_ranges >= 1", table=self.name)
 
