@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install run up stop status tick manifest test lint bench clean
+.PHONY: install run up stop status tick manifest test lint bench clean mwaa
 
 install: $(INSTALLED)
 
@@ -44,3 +44,6 @@ bench: install manifest  ## benchmarks: ratios against baselines measured in the
 
 clean: stop
 	rm -rf .data dbt/target dbt/logs
+
+mwaa: manifest  ## what Amazon MWAA reads from S3, laid out in dist/mwaa/ (uploads nothing): docs/deploy.md
+	$(BIN)/python mwaa/package.py --out dist/mwaa
