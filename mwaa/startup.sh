@@ -2,10 +2,10 @@
 # Amazon MWAA runs this startup script on every Airflow component before it installs requirements.txt
 # and starts Airflow; exporting variables here is MWAA's documented way to set them for Airflow.
 #
-# dbt cannot be installed beside Airflow on MWAA (dbt-core 1.11 needs protobuf>=6; Airflow's constraints
-# file pins protobuf 4.25), so dbt gets a virtualenv of its own and Cosmos runs its `dbt` executable as
-# a subprocess: include/dbt_config.py reads DBT_EXECUTION_MODE and DBT_EXECUTABLE. The pins are the
-# ones of ../requirements.txt (tests/test_mwaa_files.py checks that they agree).
+# dbt is not installed beside Airflow on MWAA: dbt-core 1.11 needs protobuf>=6, and Airflow's constraints
+# files have pinned protobuf 4.25 (docs/deploy.md). dbt gets a virtualenv of its own, and Cosmos runs its
+# `dbt` executable as a subprocess: include/dbt_config.py reads DBT_EXECUTION_MODE and DBT_EXECUTABLE.
+# The pins are the ones of ../requirements.txt (tests/test_mwaa_files.py checks that they agree).
 #
 # No `set -e` and no `exit`: a failed dbt install should not stop Airflow from starting; it is logged
 # (CloudWatch, the startup script's log stream) and the dbt tasks fail with `dbt` not found.
