@@ -402,7 +402,9 @@ def _import_snapshot(src: psycopg.Connection, table: TableConfig, run: ParallelP
     src.read_only = True
     try:
         src.execute(sql.SQL("set transaction snapshot {}").format(sql.Literal(state["snapshot"])))
-    except (psycopg.errors.InvalidParameterValue, psycopg.errors.ObjectNotInPrerequisiteState) as error:
+    except (psycopg.errors.UndefinedObject, psycopg.errors.InvalidParameterValue,
+            psycopg.errors.ObjectNotInPrerequisiteState) as error:
+        # The exporting transaction has ended: "snapshot ... does not exist" / "invalid snapshot identifier".
         src.rollback()
         raise _released(table, run, {**state, "state": "held"}) from error
 
@@ -489,6 +491,8 @@ def _finish_into(source_dsn: str, target_dsn: str, table: TableConfig, run: Para
                                        "from {} where run_key = %s").format(_RANGES), (run.run_key,)).fetchone()
         if state["state"] != "held":
             raise _released(table, run, state)
+        shape = _describe(src, table)
+        _import_snapshot(src, table, run, state)
         assert done is not None
         if int(done[0]) != len(run.ranges):
             raise TransientError(f"parallel run {run.run_key}: only {done[0]} of {len(run.ranges)} key range(s) "
@@ -500,8 +504,6 @@ def _finish_into(source_dsn: str, target_dsn: str, table: TableConfig, run: Para
         report.schema_changes = list(state["schema_changes"] or [])
         report.copy_format = "binary" if state["binary_copy"] else "text"
         columns = list(state["columns"])
-        shape = _describe(src, table)
-        _import_snapshot(src, table, run, state)
         with tgt.transaction():
             if _run_row(tgt, run.run_key, lock=True)["state"] != "held":
                 raise _released(table, run, _run_row(tgt, run.run_key))
