@@ -21,6 +21,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from include.copy_engine._state import ensure_state_tables
 from include.demo_data import generate, tick
 from tests.conftest import PostgresServer
 
@@ -147,6 +148,8 @@ def warehouse(postgres_server: PostgresServer, tmp_path_factory: pytest.TempPath
     work_dir = tmp_path_factory.mktemp(f"dbt_{postgres_server.name}")
     try:
         generate(dsn, securities=SECURITIES, events=EVENTS, seed=SEED, schema="raw")
+        with psycopg.connect(dsn) as conn:
+            ensure_state_tables(conn)  # the copy engine's audit table, empty: raw was generated, not copied
         run_dbt(["build"], dsn=dsn, work_dir=work_dir)
         initial = _state(dsn, with_tables=True)
         changes = tick(dsn, seed=TICK_SEED, schema="raw")

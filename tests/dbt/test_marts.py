@@ -18,6 +18,8 @@ MODELS = {
     "fact_events": "marts",
     "fact_cash_dividends_yearly": "marts",
     "fact_split_adjustment_factors": "marts",
+    "stg_sync_runs": "staging",
+    "pipeline_health": "marts",
     "snp_stock_master": "snapshots",
     "snp_edi_690": "snapshots",
 }
