@@ -16,11 +16,9 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -39,6 +37,7 @@ from include.alerts import (
     parse_recipients,
 )
 from include.local_stack.postgres import free_port
+from tests.loopback import WebhookServer, serve_webhook, slack_connection
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PROBE_DAG_ID = "alert_probe"
@@ -266,45 +265,14 @@ def smtp_server() -> Iterator[tuple[Controller, RecordingHandler]]:
         controller.stop()
 
 
-class WebhookServer(ThreadingHTTPServer):
-    bodies: list[dict]
-
-
-class WebhookHandler(BaseHTTPRequestHandler):
-    server: WebhookServer
-
-    def do_POST(self):  # noqa: N802 (http.server's hook name)
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.server.bodies.append({"path": self.path, "json": json.loads(body)})
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.end_headers()
-        self.wfile.write(b"ok")
-
-    def log_message(self, format, *args):  # noqa: A002 (http.server's signature)
-        pass
-
-
 @pytest.fixture(scope="module")
 def webhook_server() -> Iterator[WebhookServer]:
-    server = WebhookServer(("127.0.0.1", 0), WebhookHandler)
-    server.bodies = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serve_webhook() as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 def connection_env(smtp_port: int, webhook_port: int) -> dict[str, str]:
-    slack = {
-        "conn_type": "slackwebhook",
-        "host": f"http://127.0.0.1:{webhook_port}",
-        "password": "services/T000/B000/XXXX",
-    }
+    slack = slack_connection(webhook_port)
     mail = {
         "conn_type": "smtp",
         "host": "127.0.0.1",
