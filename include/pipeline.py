@@ -18,10 +18,36 @@ from urllib.parse import urlsplit
 import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-TABLES_CONFIG = PROJECT_ROOT / "include" / "config" / "tables.yml"
+CONFIG_DIR = PROJECT_ROOT / "include" / "config"
 SETTINGS_FILE = PROJECT_ROOT / "airflow_settings.yaml"
+ENVIRONMENT_VARIABLE = "PIPELINE_ENVIRONMENT"
 
 logger = logging.getLogger(__name__)
+
+
+class ConfigFileMissing(FileNotFoundError):
+    """The environment named a table configuration that does not exist."""
+
+
+def tables_config_path(environment: str | None = None) -> Path:
+    """include/config/<environment>/tables.yml for a named environment, else include/config/tables.yml.
+
+    The environment comes from PIPELINE_ENVIRONMENT (e.g. `production` on a Deployment), so one
+    image serves every environment with its own list of tables.
+    """
+    if environment is None:
+        environment = os.environ.get(ENVIRONMENT_VARIABLE, "").strip()
+    if not environment:
+        return CONFIG_DIR / "tables.yml"
+    path = CONFIG_DIR / environment / "tables.yml"
+    if not path.is_file():
+        raise ConfigFileMissing(
+            f"{ENVIRONMENT_VARIABLE}={environment!r} but {path.relative_to(PROJECT_ROOT)} does not exist; "
+            f"create it (the format is in docs/copy_engine.md) or unset {ENVIRONMENT_VARIABLE}")
+    return path
+
+
+TABLES_CONFIG = tables_config_path()
 
 SOURCE_CONN_ID = "source_postgres"
 WAREHOUSE_CONN_ID = "warehouse_postgres"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from include import pipeline
 from include.local_stack import runner
 from include.local_stack.airflow import airflow_connection_uri
 from include.local_stack.postgres import free_port
@@ -64,3 +65,20 @@ def test_a_second_run_on_the_same_folder_is_refused_while_the_first_holds_the_lo
                 pass
     with runner.exclusive(settings):  # released afterwards
         pass
+
+
+def test_tables_config_is_chosen_per_environment(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(pipeline, "PROJECT_ROOT", tmp_path.parent)
+    (tmp_path / "production").mkdir()
+    (tmp_path / "production" / "tables.yml").write_text("tables: []\n")
+    monkeypatch.delenv(pipeline.ENVIRONMENT_VARIABLE, raising=False)
+    assert pipeline.tables_config_path() == tmp_path / "tables.yml"
+    monkeypatch.setenv(pipeline.ENVIRONMENT_VARIABLE, "production")
+    assert pipeline.tables_config_path() == tmp_path / "production" / "tables.yml"
+    monkeypatch.setenv(pipeline.ENVIRONMENT_VARIABLE, "staging")
+    with pytest.raises(pipeline.ConfigFileMissing) as raised:
+        pipeline.tables_config_path()
+    assert str(raised.value) == (
+        f"PIPELINE_ENVIRONMENT='staging' but {tmp_path.name}/staging/tables.yml does not exist; "
+        "create it (the format is in docs/copy_engine.md) or unset PIPELINE_ENVIRONMENT")
