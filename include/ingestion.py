@@ -3,21 +3,36 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from typing import Any, TypeVar
 
 from include.alerts import send_validation_alert
 from include.copy_engine import (
+    SnapshotReleasedError,
     SyncReport,
     TableConfig,
     TerminalError,
     ValidationMismatchError,
+    abandon_parallel_copy,
+    copy_range,
+    finish_parallel_copy,
+    hold_snapshot,
     load_config,
+    plan_parallel_copy,
     sync_table,
 )
 from include.pipeline import TABLES_CONFIG
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# How long a snapshot holder keeps the source transaction open waiting for the ranges and the
+# finish step (queued ranges, retries with backoff) before it gives up.
+HOLD_TIMEOUT = timedelta(hours=2)
+# How long a range waits for its snapshot to be exported (the holder may start after it).
+SNAPSHOT_WAIT = timedelta(minutes=10)
 
 
 def configured_tables() -> list[TableConfig]:
@@ -27,6 +42,11 @@ def configured_tables() -> list[TableConfig]:
 
 def table_config(name: str) -> TableConfig:
     return load_config(TABLES_CONFIG).table(name)
+
+
+def is_large(table: TableConfig) -> bool:
+    """A table with `parallel: N` (N > 1) is copied as N key-range tasks on one snapshot."""
+    return table.parallel > 1
 
 
 def sync_configured_table(name: str, source_dsn: str, warehouse_dsn: str) -> SyncReport:
@@ -63,3 +83,93 @@ def asset_event_extra(report: SyncReport) -> dict[str, Any]:
     validation = data.get("validation") or {}
     extra["validation_match"] = validation.get("match")
     return extra
+
+
+# --- a large table: plan -> [hold_snapshot, copy_range x N] -> finish ---------------------------
+#
+# The plan travels between tasks as a list with one entry per key range (what `copy_range` is
+# mapped over: Airflow maps only over a task's return value); each entry carries the whole plan.
+# An empty list means no ranges: the mapped task is skipped and the finish step runs the normal sync.
+
+
+def plan_ranges(name: str, source_dsn: str, warehouse_dsn: str) -> list[dict[str, Any]]:
+    """Plan a large table's copy: one `{"index", "label", "plan"}` per key range."""
+    table = table_config(name)
+    plan = _step(name, warehouse_dsn, None, None, lambda: plan_parallel_copy(source_dsn, warehouse_dsn, table))
+    return [{**part, "plan": plan} for part in plan["parts"]]
+
+
+def _plan_of(name: str, parts: list[Mapping[str, Any]]) -> dict[str, Any]:
+    if parts:
+        return dict(parts[0]["plan"])
+    table = table_config(name)
+    return {"run_key": "", "table": name, "target": table.target, "ranges": []}
+
+
+def hold_snapshot_in_task(name: str, source_dsn: str, warehouse_dsn: str, parts: list[Mapping[str, Any]],
+                          context: Mapping[str, Any]) -> str:
+    """Hold the plan's source snapshot while the range tasks and the finish task run."""
+    plan = _plan_of(name, parts)
+    return _step(name, warehouse_dsn, plan, context, lambda: hold_snapshot(
+        source_dsn, warehouse_dsn, table_config(name), plan, timeout_s=HOLD_TIMEOUT.total_seconds()))
+
+
+def copy_range_in_task(name: str, source_dsn: str, warehouse_dsn: str, part: Mapping[str, Any],
+                       context: Mapping[str, Any]) -> dict[str, int]:
+    """Copy one key range of the plan inside its snapshot."""
+    plan = dict(part["plan"])
+    return _step(name, warehouse_dsn, plan, context, lambda: copy_range(
+        source_dsn, warehouse_dsn, table_config(name), plan, int(part["index"]),
+        wait_s=SNAPSHOT_WAIT.total_seconds()))
+
+
+def finish_in_task(name: str, source_dsn: str, warehouse_dsn: str, parts: list[Mapping[str, Any]],
+                   context: Mapping[str, Any]) -> SyncReport:
+    """Swap the staged rows into the raw table (or run the normal sync when the plan has no ranges)."""
+    plan = _plan_of(name, parts)
+    table = table_config(name)
+    report = _step(name, warehouse_dsn, plan, context,
+                   lambda: finish_parallel_copy(source_dsn, warehouse_dsn, table, plan))
+    logger.info("%s", report.summary())
+    return report
+
+
+def _step(name: str, warehouse_dsn: str, plan: Mapping[str, Any] | None, context: Mapping[str, Any] | None,
+          run: Callable[[], T]) -> T:
+    """Run one step of a large table's copy with the ingestion's failure policy.
+
+    Terminal errors fail the task without retrying (a validation mismatch also alerts). When a step
+    fails for good (terminal, or its last try), the run is abandoned so the snapshot holder lets go
+    at once instead of waiting for its timeout. A snapshot that is no longer held cannot come back:
+    the message says to clear the table's task group from its plan task.
+    """
+    from airflow.sdk.exceptions import AirflowFailException
+
+    try:
+        return run()
+    except SnapshotReleasedError as error:
+        raise AirflowFailException(str(error)) from error
+    except ValidationMismatchError as error:
+        if context is not None:
+            send_validation_alert(context, name, str(error))
+        raise AirflowFailException(str(error)) from error
+    except TerminalError as error:
+        _abandon(name, warehouse_dsn, plan, context, str(error))
+        raise AirflowFailException(str(error)) from error
+    except Exception as error:
+        if context is not None and _is_last_try(context):
+            _abandon(name, warehouse_dsn, plan, context, str(error))
+        raise
+
+
+def _is_last_try(context: Mapping[str, Any]) -> bool:
+    ti = context.get("ti")
+    return ti is None or int(getattr(ti, "try_number", 1)) > int(getattr(ti, "max_tries", 0))
+
+
+def _abandon(name: str, warehouse_dsn: str, plan: Mapping[str, Any] | None, context: Mapping[str, Any] | None,
+             reason: str) -> None:
+    if plan is None or not plan.get("ranges"):
+        return
+    task_id = getattr(context.get("ti"), "task_id", "a step") if context else "a step"
+    abandon_parallel_copy(warehouse_dsn, table_config(name), plan, f"{task_id} failed: {reason}")

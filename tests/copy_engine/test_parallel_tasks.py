@@ -247,3 +247,47 @@ def test_an_incremental_table_splits_only_its_first_load(pair):
         "incremental", 1, 10, 10, 10)
     assert pair.rows(pair.target, ORDERED.format("raw.events")) == pair.rows(pair.source,
                                                                            ORDERED.format("public.events"))
+
+
+def test_the_ingestion_steps_copy_the_configured_large_table_and_then_sync_it_incrementally(pair):
+    """What the DAG's `sync_edi_690` task group calls, with include/config/tables.yml, in threads."""
+    from include.demo_data import generate, tick
+    from include.ingestion import (
+        asset_event_extra,
+        copy_range_in_task,
+        finish_in_task,
+        hold_snapshot_in_task,
+        is_large,
+        plan_ranges,
+        table_config,
+    )
+
+    generate(pair.source, securities=200, events=5_000)
+    table = table_config("edi_690")
+    assert is_large(table) and table.parallel == 4 and table.mode == "incremental"
+    ordered = "select * from {} order by event_id"
+
+    def run_group():
+        parts = plan_ranges("edi_690", pair.source, pair.target)
+        with ThreadPoolExecutor(max_workers=5) as pool:
+            holder = pool.submit(hold_snapshot_in_task, "edi_690", pair.source, pair.target, parts, {})
+            copied = list(pool.map(lambda part: copy_range_in_task("edi_690", pair.source, pair.target, part, {}),
+                                   parts))
+            report = finish_in_task("edi_690", pair.source, pair.target, parts, {})
+            return parts, holder.result(), copied, report
+
+    parts, held, copied, report = run_group()
+    assert [part["label"].split(" ")[0] for part in parts] == ["1/4", "2/4", "3/4", "4/4"]
+    assert held == "finished" and sum(result["rows"] for result in copied) == 5_000
+    assert asset_event_extra(report) == {
+        "mode": "incremental", "rows_read": 5_000, "rows_inserted": 5_000, "rows_updated": 0, "rows_deleted": 0,
+        "duration_s": report.duration_s, "watermark_before": None, "watermark_after": report.watermark_after,
+        "validation_match": True}
+    assert report.watermark_after == pair.scalar(pair.source, "select max(changed_at)::text from public.edi_690")
+
+    tick(pair.source, seed=7)
+    parts, held, copied, report = run_group()
+    assert (parts, held, copied, report.workers, report.validation.match) == ([], "none", [], 1, True)
+    assert report.rows_inserted + report.rows_updated > 0
+    assert pair.rows(pair.target, ordered.format("raw.edi_690")) == pair.rows(pair.source,
+                                                                            ordered.format("public.edi_690"))

@@ -40,7 +40,33 @@ def test_ingestion_maps_one_task_per_configured_table(dag_bag):
     assert sync.pool == "source_postgres"
     names = [table.name for table in configured_tables()]
     assert set(names) >= {"stock_master", "edi_690"}
-    assert sync.op_kwargs_expand_input.value["table_name"] == names
+    # Large tables (parallel: N) have a task group of their own instead: see the next test.
+    assert sync.op_kwargs_expand_input.value["table_name"] == [t.name for t in configured_tables() if t.parallel == 1]
+
+
+def test_a_large_table_is_copied_by_key_range_tasks_on_one_snapshot(dag_bag):
+    from include.ingestion import configured_tables
+
+    dag = dag_bag.dags["ingest_raw_tables"]
+    large = [table.name for table in configured_tables() if table.parallel > 1]
+    assert "edi_690" in large
+    for name in large:
+        group = f"sync_{name}"
+        plan, hold, ranges, finish = (dag.get_task(f"{group}.{step}")
+                                      for step in ("plan", "hold_snapshot", "copy_range", "finish"))
+        assert plan.upstream_task_ids == {"check_connections"}
+        assert hold.upstream_task_ids == {plan.task_id} and hold.downstream_task_ids == set()
+        assert ranges.upstream_task_ids == {plan.task_id}
+        assert finish.upstream_task_ids == {plan.task_id, ranges.task_id}
+        # Skipped ranges (an incremental run has none) must not skip the finish step.
+        assert finish.trigger_rule == "none_failed"
+        assert ranges.map_index_template == "{{ key_range }}"
+        assert ranges.op_kwargs_expand_input.value["part"].operator is plan
+        assert ranges.partial_kwargs["op_kwargs"] == {"table_name": name}
+        # The holder waits for the ranges, so it must not wait for a slot of the pool they use.
+        assert (plan.pool, ranges.pool, finish.pool) == ("source_postgres",) * 3
+        assert hold.pool != "source_postgres" and hold.priority_weight > ranges.priority_weight
+        assert [outlet.name for outlet in finish.outlets] == ["raw_tables"]
 
 
 def test_transform_is_scheduled_on_every_raw_table_asset(dag_bag):
