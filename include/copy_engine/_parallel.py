@@ -213,7 +213,7 @@ def plan_parallel_copy(source_dsn: str, target_dsn: str, table: TableConfig, par
     table needs no full copy (an incremental table past its first load): the finish step then runs
     the normal sync.
     """
-    count = parts or max(table.parallel, 2 if table.large else 1)
+    count = parts or table.parallel
     target = ".".join(table.target_schema_table)
     try:
         with connect(target_dsn, role="target", table=table.name) as tgt, \
