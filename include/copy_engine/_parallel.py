@@ -219,6 +219,9 @@ def plan_parallel_copy(source_dsn: str, target_dsn: str, table: TableConfig, par
         with connect(target_dsn, role="target", table=table.name) as tgt, \
                 connect(source_dsn, role="source", table=table.name) as src:
             ensure_parallel_tables(tgt)
+            with tgt.transaction():
+                tgt.execute(sql.SQL("delete from {} where planned_at < now() - %s::interval").format(_RUNS),
+                            (_KEEP_RUNS,))
             run_key = uuid.uuid4().hex
             if not _needs_full_copy(tgt, table):
                 logger.info("%s: incremental past its first load; no key ranges", table.name)
@@ -234,8 +237,6 @@ def plan_parallel_copy(source_dsn: str, target_dsn: str, table: TableConfig, par
             src.rollback()
             plan = ParallelPlan(run_key, table.name, target, key.name, key.type_sql, tuple(split_ranges(bounds)))
             with tgt.transaction():
-                tgt.execute(sql.SQL("delete from {} where planned_at < now() - %s::interval").format(_RUNS),
-                            (_KEEP_RUNS,))
                 tgt.execute(sql.SQL("insert into {} (run_key, table_name, target_table, parts) "
                                     "values (%s, %s, %s, %s)").format(_RUNS),
                             (run_key, table.name, target, len(plan.ranges)))

@@ -21,6 +21,7 @@ from include.copy_engine import (
     SnapshotReleasedError,
     TableConfig,
     TerminalError,
+    TransientError,
     copy_range,
     finish_parallel_copy,
     hold_snapshot,
@@ -146,6 +147,8 @@ def test_a_retried_range_is_idempotent_and_a_second_run_reports_rows_replaced(pa
     with ThreadPoolExecutor(max_workers=5) as pool:
         holder = pool.submit(hold_snapshot, pair.source, pair.target, table, plan, poll_s=0.05)
         wait_until_held(pair, plan["run_key"])
+        with pytest.raises(TransientError, match="only 0 of 3 key range"):
+            finish_parallel_copy(pair.source, pair.target, table, plan)
         first = [pool.submit(copy_range, pair.source, pair.target, table, plan, index) for index in range(3)]
         results = [future.result() for future in first]
         again = copy_range(pair.source, pair.target, table, plan, 1)
