@@ -25,6 +25,7 @@ threads of one process.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import time
 import uuid
@@ -40,7 +41,7 @@ from psycopg.types.json import Jsonb
 from ._config import TableConfig
 from ._connect import connect, raise_classified
 from ._errors import CopyEngineError, SourceError, TerminalError, TransientError, ValidationMismatchError
-from ._report import SyncReport
+from ._report import RangeDifference, SyncReport, ValidationResult
 from ._schema import Shape, TargetPlan, describe_source, ensure_types, prepare_target, relation_oid, user_types
 from ._state import STATE_SCHEMA, ensure_state_tables, read_watermark, record_run, write_state
 from ._validate import RowSet, boundaries
@@ -69,7 +70,8 @@ _CREATE = [
             reason text,
             planned_at timestamptz not null default now(),
             held_at timestamptz,
-            ended_at timestamptz
+            ended_at timestamptz,
+            report jsonb
         )"""
     ).format(_RUNS),
     sql.SQL(
@@ -82,6 +84,7 @@ _CREATE = [
             primary key (run_key, range_index)
         )"""
     ).format(_RANGES, _RUNS),
+    sql.SQL("alter table {} add column if not exists report jsonb").format(_RUNS),
 ]
 
 
@@ -165,7 +168,9 @@ def ensure_parallel_tables(conn: psycopg.Connection) -> None:
     """Create the engine's state tables and the parallel-run tables if missing (committed)."""
     ensure_state_tables(conn)
     with conn.transaction():
-        exists = conn.execute("select to_regclass('_copy_engine.parallel_ranges') is not null").fetchone()
+        exists = conn.execute(
+            "select to_regclass('_copy_engine.parallel_ranges') is not null and exists (select from pg_attribute "
+            "where attrelid = to_regclass('_copy_engine.parallel_runs') and attname = 'report')").fetchone()
         if exists and exists[0]:
             return
         conn.execute("select pg_advisory_xact_lock(hashtextextended(%s, 0))", (_SETUP_LOCK_KEY,))
@@ -539,11 +544,12 @@ def _finish_into(source_dsn: str, target_dsn: str, table: TableConfig, run: Para
                 # Inside the snapshot the ranges read, before the commit: the audit row can say the result.
                 target_plan = TargetPlan(columns, [], bool(state["binary_copy"]))
                 report.validation = _validate_in_snapshot(src, tgt, table, names, shape, target_plan)
-            tgt.execute(sql.SQL("update {} set state = 'finished', ended_at = now() where run_key = %s").format(_RUNS),
-                        (run.run_key,))
             if audit:
                 _complete(report)
                 record_run(tgt, report)
+            tgt.execute(sql.SQL("update {} set state = 'finished', ended_at = now(), report = %s "
+                                "where run_key = %s").format(_RUNS),
+                        (Jsonb(json.loads(json.dumps(report.to_dict()))), run.run_key))
         src.rollback()
     logger.info("%s: parallel run %s committed %d row(s) into %s", table.name, run.run_key, report.rows_inserted,
                 names.target_text)
@@ -587,6 +593,9 @@ def finish_parallel_copy(source_dsn: str, target_dsn: str, table: TableConfig,
         return sync_table(source_dsn, target_dsn, table.with_overrides(parallel=1, large=False), validate=validate)
     from ._sync import _record
 
+    committed = _committed_report(target_dsn, table, run)
+    if committed is not None:
+        return committed
     report = _new_report(table)
     report.attempts = 1
     should_validate = table.validate if validate is None else validate
@@ -611,6 +620,31 @@ def finish_parallel_copy(source_dsn: str, target_dsn: str, table: TableConfig,
         error.report = report
         raise error
     return report
+
+
+def _committed_report(target_dsn: str, table: TableConfig, run: ParallelPlan) -> SyncReport | None:
+    """The report of a run whose finish step already committed successfully (a retried finish task)."""
+    try:
+        with connect(target_dsn, role="target", table=table.name) as tgt:
+            ensure_parallel_tables(tgt)
+            row = tgt.execute(sql.SQL("select report from {} where run_key = %s and state = 'finished'")
+                              .format(_RUNS), (run.run_key,)).fetchone()
+    except psycopg.Error as error:
+        raise_classified(error, table=table.name, doing="finishing the parallel copy")
+    if row is None or row[0] is None or row[0].get("status") != "success":
+        return None
+    logger.info("%s: parallel run %s has already committed; returning its report", table.name, run.run_key)
+    return _report_from_dict(row[0])
+
+
+def _report_from_dict(data: Mapping[str, Any]) -> SyncReport:
+    fields = dict(data)
+    validation = dict(fields.pop("validation") or {})
+    differences = [RangeDifference(**item) for item in validation.pop("differing_ranges", [])]
+    started, finished = fields.pop("started_at"), fields.pop("finished_at")
+    return SyncReport(**fields, validation=ValidationResult(**validation, differing_ranges=differences),
+                      started_at=dt.datetime.fromisoformat(started),
+                      finished_at=dt.datetime.fromisoformat(finished) if finished else None)
 
 
 def attempt_parallel(source_dsn: str, target_dsn: str, table: TableConfig, report: SyncReport,

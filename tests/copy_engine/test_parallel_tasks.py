@@ -115,6 +115,8 @@ def test_ranges_in_separate_processes_read_one_snapshot_and_the_finish_swaps_ato
     assert run_state(pair, plan["run_key"]) == "held"
 
     report = finish_parallel_copy(pair.source, pair.target, table, plan)
+    # A retried finish (its worker died after the commit) returns the committed run's report.
+    assert finish_parallel_copy(pair.source, pair.target, table, plan).to_dict() == report.to_dict()
 
     assert finished(holder) == "finished"
     assert sorted(result["rows"] for result in copied) == [5000, 5000, 5000, 5000]
