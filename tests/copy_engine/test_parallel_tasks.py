@@ -296,3 +296,43 @@ def test_the_ingestion_steps_copy_the_configured_large_table_and_then_sync_it_in
     assert report.rows_inserted + report.rows_updated > 0
     assert pair.rows(pair.target, ordered.format("raw.edi_690")) == pair.rows(pair.source,
                                                                             ordered.format("public.edi_690"))
+
+
+class TaskTry:
+    """The two attributes of Airflow's task instance that the ingestion's failure policy reads."""
+
+    def __init__(self, try_number, max_tries):
+        self.task_id, self.try_number, self.max_tries = "sync_edi_690.step", try_number, max_tries
+
+
+def test_a_step_that_fails_for_good_releases_the_snapshot_and_later_steps_fail_once_clearly(pair):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from include.demo_data import generate
+    from include.ingestion import copy_range_in_task, finish_in_task, hold_snapshot_in_task, plan_ranges
+
+    generate(pair.source, securities=50, events=1_000)
+    parts = plan_ranges("edi_690", pair.source, pair.target)
+    run_key = parts[0]["plan"]["run_key"]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        holder = pool.submit(hold_snapshot_in_task, "edi_690", pair.source, pair.target, parts, {})
+        wait_until_held(pair, run_key)
+        # A transient failure with tries left keeps the snapshot for the retry...
+        with pytest.raises(TransientError, match="only 0 of 4 key range"):
+            finish_in_task("edi_690", pair.source, pair.target, parts, {"ti": TaskTry(1, 3)})
+        assert run_state(pair, run_key) == "held"
+        # ...its last try gives the run up, and the holder lets go at once.
+        with pytest.raises(TransientError):
+            finish_in_task("edi_690", pair.source, pair.target, parts, {"ti": TaskTry(4, 3)})
+        assert holder.result(timeout=30) == "abandoned"
+    reason = pair.scalar(pair.target, f"select reason from _copy_engine.parallel_runs where run_key = '{run_key}'")
+    assert reason.startswith("sync_edi_690.step failed: edi_690: parallel run")
+
+    with pytest.raises(AirflowFailException) as raised:
+        copy_range_in_task("edi_690", pair.source, pair.target, parts[2], {"ti": TaskTry(2, 3)})
+    assert str(raised.value).startswith(f"edi_690: parallel run {run_key} cannot continue: its snapshot is no "
+                                        "longer held (sync_edi_690.step failed")
+    assert str(raised.value).endswith("restart the copy from a new plan (in Airflow: clear the table's task group "
+                                      "from its plan task)")
+    assert pair.scalar(pair.target, "select to_regclass('raw.edi_690') is not null") is True
+    assert pair.scalar(pair.target, "select count(*) from raw.edi_690") == 0
