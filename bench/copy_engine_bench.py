@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/copy_engine_bench.py                 # 2M rows, 3 alternating runs
     .venv/bin/python bench/copy_engine_bench.py --rows 200000   # a quick look
+    .venv/bin/python bench/copy_engine_bench.py --rows 20000000 --memory-only   # peak RSS at 20M rows
 
 Starts a throwaway embedded PostgreSQL, generates a mixed-type table in a source database and copies
 it into a warehouse database on the same server. Engine runs are timed in-process
@@ -91,30 +92,58 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="alternating runs per measurement (>= 3)")
     parser.add_argument("--naive-rows", type=int, default=200_000,
                         help="rows for the pandas read_sql/to_sql reference, scaled linearly to --rows")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only generate the table and run one full sync as a CLI process: time and peak RSS")
     args = parser.parse_args()
     psql = str(_bin_dir() / "psql")
     with tempfile.TemporaryDirectory(prefix="copy_engine_bench_") as workdir:
         server = EmbeddedPostgres(Path(workdir) / "data", free_port(), throwaway=True).start()
         try:
-            results = measure(server.dsn(), psql, args)
+            results = measure_memory(server.dsn(), args) if args.memory_only else measure(server.dsn(), psql, args)
         finally:
             server.stop()
-    print_table(results)
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
+    if args.memory_only:
+        print(json.dumps(results, indent=2))
+        (out / f"copy_engine_memory_{args.rows}.json").write_text(json.dumps(results, indent=2))
+        return
+    print_table(results)
     (out / "copy_engine.json").write_text(json.dumps(results, indent=2))
 
 
-def measure(admin_dsn: str, psql: str, args: argparse.Namespace) -> dict[str, object]:
+def generate(admin_dsn: str, rows: int) -> tuple[str, str, float]:
+    """The source table with `rows` rows and an empty warehouse; returns both DSNs and the seconds taken."""
     source = create_database(admin_dsn, "bench_source")
     target = create_database(admin_dsn, "bench_warehouse")
-    print(f"generating {args.rows} rows ...", file=sys.stderr)
+    print(f"generating {rows} rows ...", file=sys.stderr)
+    started = time.perf_counter()
     execute(source, TABLE_DDL)
-    execute(source, TABLE_ROWS, (args.rows,))
+    execute(source, TABLE_ROWS, (rows,))
     # Incremental sources index their cursor column; the full copies do not read it.
     execute(source, "create index bench_updated_at on public.bench (updated_at)")
     execute(source, "vacuum analyze public.bench")
     execute(target, "create schema raw")
+    generate_s = time.perf_counter() - started
+    print(f"  generated in {generate_s:.0f}s", file=sys.stderr)
+    return source, target, generate_s
+
+
+def measure_memory(admin_dsn: str, args: argparse.Namespace) -> dict[str, object]:
+    """One full sync as a CLI process into an empty warehouse: its time and its peak RSS."""
+    source, target, generate_s = generate(admin_dsn, args.rows)
+    with psycopg.connect(source) as conn:
+        table_bytes = conn.execute("select pg_total_relation_size('public.bench')").fetchone()[0]
+    cli_s, cli_report = run(engine("sync", "--source", source, "--target", target, "--table", "public.bench",
+                                   "--target-table", "raw.bench", "--no-validate"))
+    assert cli_report is not None and cli_report["rows_read"] == args.rows, cli_report
+    return {"rows": args.rows, "table_mb": round(table_bytes / 2**20), "generate_s": round(generate_s, 1),
+            "cli_full_s": round(cli_s, 2), "peak_rss_mb": cli_report["peak_memory_mb"],
+            "machine": {"cores": os.cpu_count(), "platform": platform.platform()}}
+
+
+def measure(admin_dsn: str, psql: str, args: argparse.Namespace) -> dict[str, object]:
+    source, target, generate_s = generate(admin_dsn, args.rows)
     with psycopg.connect(source) as conn:
         table_bytes = conn.execute("select pg_total_relation_size('public.bench')").fetchone()[0]
         server_version = conn.execute("show server_version").fetchone()[0]
@@ -206,7 +235,7 @@ def measure(admin_dsn: str, psql: str, args: argparse.Namespace) -> dict[str, ob
                     "incremental_deletes": delete_s, "naive_scaled": naive_s, **upsert},
         "runs": {"pipe": pipe_runs, "full": full_runs, "validate": validate_runs, "incremental": incremental_runs,
                  "incremental_deletes": delete_runs},
-        "peak_rss_mb": peak_rss, "cli_full_s": cli_s,
+        "peak_rss_mb": peak_rss, "cli_full_s": cli_s, "generate_s": round(generate_s, 1),
         "naive_rows": min(args.naive_rows, args.rows),
     }
 
