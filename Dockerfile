@@ -6,6 +6,14 @@ FROM astrocrpublic.azurecr.io/runtime:3.3-2
 ENV AIRFLOW__COSMOS__ENABLE_TELEMETRY=False \
     AIRFLOW__USAGE_DATA_COLLECTION__ENABLED=False
 
+# dbt docs: the transform's dbt_docs task publishes into this folder and Cosmos' plugin (Airflow
+# 3.1+) serves it under Browse > dbt Docs. `astro dev start` mounts include/ into every container,
+# so the task (scheduler container) and the api-server see the same folder. On Astro Cloud the
+# workers and the api-server share no disk: point "dir" at object storage instead, e.g.
+# {"postgres_analytics": {"dir": "s3://bucket/dbt_docs", "conn_id": "aws_default", ...}}, as a
+# Deployment environment variable; the task writes there through Airflow's ObjectStoragePath.
+ENV AIRFLOW__COSMOS__DBT_DOCS_PROJECTS='{"postgres_analytics": {"dir": "/usr/local/airflow/include/dbt_docs", "name": "dbt Docs (warehouse)"}}'
+
 # dbt runs inside the Airflow worker through dbt's Python API (Cosmos InvocationMode.DBT_RUNNER),
 # so dbt-core and dbt-postgres come from requirements.txt; see the README for the measurements.
 # The manifest lets Cosmos render the transform DAG without running dbt at parse time.

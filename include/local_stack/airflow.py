@@ -85,6 +85,14 @@ def airflow_environment(settings: StackSettings) -> dict[str, str]:
             # Nothing phones home: this machine, like many behind a firewall, has no internet.
             "AIRFLOW__USAGE_DATA_COLLECTION__ENABLED": "False",
             "AIRFLOW__COSMOS__ENABLE_TELEMETRY": "False",
+            # The docs the transform's dbt_docs task publishes, served by Cosmos' plugin under
+            # Browse → dbt Docs (include/dbt_config.py writes where this entry points).
+            "AIRFLOW__COSMOS__DBT_DOCS_PROJECTS": json.dumps(
+                {"postgres_analytics": {"dir": str(settings.data_dir / "dbt_docs"), "name": "dbt Docs (warehouse)"}}
+            ),
+            # Cosmos' partial-parse and profile cache, per stack: by default every stack on the
+            # machine (make run, the e2e tests, the benchmark) would share /tmp/cosmos.
+            "AIRFLOW__COSMOS__CACHE_DIR": str(settings.data_dir / "cosmos_cache"),
             # Find new DAG files and asset-triggered runs within seconds, not minutes.
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
             "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "10",
