@@ -23,6 +23,7 @@ from typing import Any
 
 from psycopg.conninfo import conninfo_to_dict
 
+from include.local_stack.postgres import free_port
 from include.local_stack.settings import SOURCE_CONN_ID, WAREHOUSE_CONN_ID, StackSettings
 
 logger = logging.getLogger(__name__)
@@ -167,6 +168,10 @@ def migrate_database(settings: StackSettings) -> None:
 def start(settings: StackSettings) -> None:
     """Start every component that is not already running; never a second copy of one."""
     env = airflow_environment(settings)
+    # The log servers' fixed default ports (8793, 8794) would collide with a second stack on the
+    # machine (`make test` while `make run` is up); task logs are read from files here anyway.
+    env["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"] = str(free_port())
+    env["AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT"] = str(free_port())
     (settings.airflow_home / "run").mkdir(parents=True, exist_ok=True)
     logs = settings.airflow_home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -242,8 +247,15 @@ class AirflowClient:
         answer = self._request("POST", "/auth/token", {"username": self.user, "password": self.password})
         self._token = answer["access_token"]
 
-    def get(self, path: str) -> Any:
-        return self._request("GET", path)
+    def get(self, path: str, attempts: int = 3) -> Any:
+        """GET, asked again when the api-server is too busy to answer in time (reads are safe to repeat)."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._request("GET", path)
+            except (TimeoutError, ConnectionError, urllib.error.URLError) as error:
+                if isinstance(error, urllib.error.HTTPError) or attempt == attempts:
+                    raise
+                time.sleep(2 * attempt)
 
     def post(self, path: str, body: dict[str, Any]) -> Any:
         return self._request("POST", path, body)
