@@ -371,9 +371,9 @@ def _load_incremental(src: psycopg.Connection, tgt: psycopg.Connection, table: T
             # Deleted keys are the target's keys missing from the source, before the upsert as after
             # it (the upsert only writes keys of this snapshot), so the per-range key sums of both
             # sides run on their own connections while the changed rows are copied and upserted.
-            snapshot = _export_snapshot(src, table)
-            if snapshot is not None:
-                beside = pool.submit(_key_sums_beside, dsns, snapshot, table, names, shape)
+            row = src.execute("select pg_export_snapshot()").fetchone()  # not in a savepoint: it refuses
+            assert row is not None
+            beside = pool.submit(_key_sums_beside, dsns, str(row[0]), table, names, shape)
         _copy_changes(src, tgt, table, names, shape, plan, report)
         if table.delete_detection != "none":
             sums = None
@@ -381,8 +381,8 @@ def _load_incremental(src: psycopg.Connection, tgt: psycopg.Connection, table: T
                 try:
                     sums = beside.result()
                 except (psycopg.Error, CopyEngineError) as error:
-                    # A locked target, or a server or pooler that cannot share the snapshot: the sync's
-                    # own transaction sums the keys instead (and fails there if the server is gone).
+                    # A locked target, or a pooler that cannot share the snapshot: the sync's own
+                    # transaction sums the keys instead (and fails there if the server is gone).
                     logger.warning("%s: summing the keys beside the sync failed (%s); summing them in the "
                                    "sync's transaction", table.name, (str(error).splitlines() or [""])[0])
             report.rows_deleted = _detect_deletes(src, tgt, table, names, shape, plan, sums)
@@ -391,17 +391,6 @@ def _load_incremental(src: psycopg.Connection, tgt: psycopg.Connection, table: T
         # A failed run does not wait for the sums beside it: their thread closes its connections
         # when its queries end.
         pool.shutdown(wait=finished)
-
-
-def _export_snapshot(src: psycopg.Connection, table: TableConfig) -> str | None:
-    """The sync's source snapshot, for other connections to import; None where the server refuses."""
-    try:
-        with src.transaction():  # a savepoint: a refusal leaves the snapshot's transaction usable
-            row = src.execute("select pg_export_snapshot()").fetchone()
-    except (psycopg.errors.FeatureNotSupported, psycopg.errors.ObjectNotInPrerequisiteState) as error:
-        logger.info("%s: cannot export the source snapshot (%s)", table.name, (str(error).splitlines() or [""])[0])
-        return None
-    return str(row[0]) if row else None
 
 
 def _copy_changes(src: psycopg.Connection, tgt: psycopg.Connection, table: TableConfig, names: _Names,
