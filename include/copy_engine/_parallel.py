@@ -463,7 +463,8 @@ def copy_range(source_dsn: str, target_dsn: str, table: TableConfig, plan: Paral
                     where = sql.SQL(" and ").join(conditions) if conditions else sql.SQL("true")
                     tgt.execute(sql.SQL("delete from {} where {}").format(stage, where), params)
                     rows, size = _stream(src, _Names(table).copy_source(columns, *conditions), params, tgt, stage,
-                                         columns, binary=bool(state["binary_copy"]))
+                                         columns, binary=bool(state["binary_copy"]),
+                                         progress=f"{table.name} range {index + 1}")
                     tgt.execute(
                         sql.SQL("insert into {} (run_key, range_index, rows, bytes) values (%s, %s, %s, %s) "
                                 "on conflict (run_key, range_index) do update set rows = excluded.rows, "

@@ -51,6 +51,7 @@ from ._validate import RowSet, boundaries, bucket_expression, compare, key_check
 logger = logging.getLogger(__name__)
 
 _WRITE_BATCH = 256 * 1024
+PROGRESS_EVERY_S = 5.0  # how often a running COPY logs its rows, MB and rate
 _STAGE = "_copy_engine_stage"
 _KEYS = "_copy_engine_keys"
 _GONE = "_copy_engine_gone"
@@ -150,9 +151,30 @@ def _release_run_lock(conn: psycopg.Connection, target: str) -> None:
         logger.debug("could not release the run lock on %s; the session end releases it", target)
 
 
+class _Progress:
+    """Logs a running COPY's rows, MB and rate every PROGRESS_EVERY_S seconds, under `label`."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.started = self.logged = time.monotonic()
+
+    def update(self, rows: int, size: int) -> None:
+        now = time.monotonic()
+        if now - self.logged < PROGRESS_EVERY_S:
+            return
+        self.logged = now
+        elapsed = now - self.started
+        logger.info("%s: copying, %d rows, %.1f MB so far (%.0f rows/s, %.1f MB/s)", self.label, rows,
+                    size / 1e6, rows / elapsed, size / 1e6 / elapsed)
+
+
 def _stream(src: psycopg.Connection, query: sql.Composable, params: dict[str, object],
-            tgt: psycopg.Connection, into: sql.Composable, columns: list[str], *, binary: bool) -> tuple[int, int]:
-    """COPY the query's rows from `src` into `into` on `tgt`; returns (rows, bytes). Memory stays bounded."""
+            tgt: psycopg.Connection, into: sql.Composable, columns: list[str], *, binary: bool,
+            progress: str | None = None) -> tuple[int, int]:
+    """COPY the query's rows from `src` into `into` on `tgt`; returns (rows, bytes). Memory stays bounded.
+
+    With a `progress` label, a long COPY logs how far it got every few seconds.
+    """
     options = [sql.SQL("format binary")] if binary else []
     in_options = list(options)
     source = query if isinstance(query, _TableColumns) else sql.SQL("({})").format(query)
@@ -166,7 +188,7 @@ def _stream(src: psycopg.Connection, query: sql.Composable, params: dict[str, ob
     # psycopg does for COPY; a non-empty mapping also turns the escaped `%%` back into `%`.
     out_query = psycopg.ClientCursor(src).mogrify(copy_out, params or {"_unused": None}).encode()
     in_query = copy_in.as_bytes(tgt)
-    return _pump(src, out_query, tgt, in_query)
+    return _pump(src, out_query, tgt, in_query, _Progress(progress) if progress else None)
 
 
 def _result_error(conn: psycopg.Connection, result: pq.abc.PGresult | None) -> psycopg.Error:
@@ -177,7 +199,8 @@ def _result_error(conn: psycopg.Connection, result: pq.abc.PGresult | None) -> p
     return psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
 
 
-def _pump(src: psycopg.Connection, out_query: bytes, tgt: psycopg.Connection, in_query: bytes) -> tuple[int, int]:
+def _pump(src: psycopg.Connection, out_query: bytes, tgt: psycopg.Connection, in_query: bytes,
+          progress: _Progress | None = None) -> tuple[int, int]:
     source, target = src.pgconn, tgt.pgconn
     blocking = source.nonblocking, target.nonblocking
     source.nonblocking = target.nonblocking = 0
@@ -197,7 +220,7 @@ def _pump(src: psycopg.Connection, out_query: bytes, tgt: psycopg.Connection, in
             # The source sends one CopyData message per row; the target gets them joined into
             # _WRITE_BATCH-sized messages, which saves the target backend a message per row.
             batch: list[memoryview] = []
-            pending = 0
+            pending = messages = 0
             while True:
                 size, data = source.get_copy_data(0)
                 if size < 0:
@@ -208,8 +231,11 @@ def _pump(src: psycopg.Connection, out_query: bytes, tgt: psycopg.Connection, in
                     if target.put_copy_data(b"".join(batch)) != 1:
                         raise _result_error(tgt, None)
                     total += pending
+                    messages += len(batch)  # one CopyData message per row, plus a binary header
                     batch.clear()
                     pending = 0
+                    if progress is not None:
+                        progress.update(messages, total)
             if pending:
                 if target.put_copy_data(b"".join(batch)) != 1:
                     raise _result_error(tgt, None)
@@ -285,7 +311,7 @@ def _load_full(src: psycopg.Connection, tgt: psycopg.Connection, table: TableCon
     key_constraint = _drop_primary_key(tgt, names, shape)
     tgt.execute(sql.SQL("truncate {}").format(target))
     rows, size = _stream(src, names.copy_source(plan.columns), {}, tgt, target, plan.columns,
-                         binary=plan.binary)
+                         binary=plan.binary, progress=table.name)
     if key_constraint:
         # One in-memory sort for the rebuilt key index (the default 64MB spills at a few million rows).
         tgt.execute("select set_config('maintenance_work_mem', '256MB', true)")
@@ -404,7 +430,7 @@ def _copy_changes(src: psycopg.Connection, tgt: psycopg.Connection, table: Table
         stage, _column_list(plan.columns), target))
     conditions, params = _cursor_filter(shape, table, report.watermark_before)
     rows, size = _stream(src, names.copy_source(plan.columns, *conditions), params, tgt, stage, plan.columns,
-                         binary=plan.binary)
+                         binary=plan.binary, progress=table.name)
     report.rows_read, report.bytes = rows, size
     cursor_type = sql.SQL(shape.column(table.cursor_column).type_sql)  # type: ignore[union-attr]
     row = tgt.execute(sql.SQL("select greatest(max({}), %s::{})::text from {}").format(cursor, cursor_type, stage),

@@ -85,3 +85,16 @@ def test_parallel_full_copy_by_key_ranges_on_one_snapshot(pair):
         pair.source, query.format("public.stock_master"))
     assert pair.scalar(pair.target, "select count(*) from pg_tables where schemaname = '_copy_engine' "
                        "and tablename like 'stage%'") == 0
+
+
+def test_a_long_copy_logs_its_progress(pair, monkeypatch, caplog):
+    # Every 256 kB the engine forwards to the target is a chance to log; with no interval, each is.
+    monkeypatch.setattr("include.copy_engine._sync.PROGRESS_EVERY_S", 0.0)
+    make_stock(pair, 20_000)
+    with caplog.at_level("INFO", logger="include.copy_engine._sync"):
+        report = sync_table(pair.source, pair.target, TableConfig(name="stock_master", source="public.stock_master"))
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stock_master: copying, ")]
+    rows = [int(message.split(", ")[1].split()[0]) for message in progress]
+    assert len(rows) >= 3, progress
+    assert rows == sorted(rows) and 0 < rows[0] and rows[-1] <= report.rows_read + 1
+    assert all(" MB so far (" in message and " MB/s)" in message for message in progress)
