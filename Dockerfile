@@ -16,6 +16,9 @@ ENV AIRFLOW__COSMOS__DBT_DOCS_PROJECTS='{"postgres_analytics": {"dir": "/usr/loc
 
 # dbt runs inside the Airflow worker through dbt's Python API (Cosmos InvocationMode.DBT_RUNNER),
 # so dbt-core and dbt-postgres come from requirements.txt; see the README for the measurements.
-# The manifest lets Cosmos render the transform DAG without running dbt at parse time.
-RUN dbt parse --project-dir /usr/local/airflow/dbt --profiles-dir /usr/local/airflow/dbt \
-        --target-path /usr/local/airflow/dbt/target
+# The manifest lets Cosmos render the transform DAG without running dbt at parse time. Parsed
+# with the profile, target and address Cosmos builds from airflow_settings.yaml's warehouse
+# connection, so every dbt task can reuse this parse (dbt keeps it only when those match).
+RUN DBT_HOST=postgres DBT_PORT=5432 DBT_USER=postgres DBT_DBNAME=warehouse \
+    dbt parse --project-dir /usr/local/airflow/dbt --profiles-dir /usr/local/airflow/dbt \
+        --profile warehouse --target airflow --target-path /usr/local/airflow/dbt/target

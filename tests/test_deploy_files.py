@@ -55,6 +55,22 @@ def test_dockerfile_uses_astro_runtime_for_airflow_3_3_and_builds_the_manifest()
     assert "dbt parse" in dockerfile and "/usr/local/airflow/dbt" in dockerfile
 
 
+def test_the_manifest_is_parsed_for_the_profile_cosmos_builds():
+    """dbt reuses the saved parse in each task only for the same profile and target."""
+    from include.dbt_config import profile_config
+    from include.local_stack import runner
+
+    assert (runner.DBT_PROFILE, runner.DBT_TARGET) == (profile_config.profile_name, profile_config.target_name)
+    profiles = yaml.safe_load((ROOT / "dbt" / "profiles.yml").read_text())
+    assert profiles[runner.DBT_PROFILE]["outputs"][runner.DBT_TARGET]["schema"] == "analytics"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert f"--profile {runner.DBT_PROFILE} --target {runner.DBT_TARGET}" in dockerfile
+    warehouse = next(c for c in yaml.safe_load((ROOT / "airflow_settings.yaml").read_text())["airflow"]["connections"]
+                     if c["conn_id"] == "warehouse_postgres")
+    assert (f"DBT_HOST={warehouse['conn_host']} DBT_PORT={warehouse['conn_port']} DBT_USER={warehouse['conn_login']} "
+            f"DBT_DBNAME={warehouse['conn_schema']}") in dockerfile
+
+
 def test_dockerignore_keeps_local_state_out_of_the_image():
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".venv", ".data", "dbt/target"} <= ignored

@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 INGEST_DAG = "ingest_raw_tables"
 TRANSFORM_DAG = "transform_dbt"
+# The profile and target of the profile Cosmos builds (include/dbt_config.py's ProfileConfig).
+DBT_PROFILE = "warehouse"
+DBT_TARGET = "airflow"
 
 
 class StackError(RuntimeError):
@@ -120,16 +123,24 @@ def build_manifest(settings: StackSettings) -> Path:
     """
     project = settings.root / "dbt"
     manifest = project / "target" / "manifest.json"
+    # dbt reuses a saved parse only for the same profile, target and warehouse address (not the
+    # password); the stamp says which address this one was made for.
+    stamp = project / "target" / "parsed_for.txt"
+    params = psycopg.conninfo.conninfo_to_dict(settings.database_url(WAREHOUSE_CONN_ID))
+    parsed_for = f"{DBT_PROFILE}/{DBT_TARGET} {params.get('user')}@{params.get('host')}:{params.get('port')}/" \
+                 f"{params.get('dbname')}"
     generated = {project / "target", project / "logs"}
     sources = [p for p in project.rglob("*") if p.is_file() and not any(p.is_relative_to(g) for g in generated)]
-    if manifest.exists() and all(p.stat().st_mtime <= manifest.stat().st_mtime for p in sources):
+    if (manifest.exists() and stamp.exists() and stamp.read_text() == parsed_for
+            and all(p.stat().st_mtime <= manifest.stat().st_mtime for p in sources)):
         return manifest
     manifest.parent.mkdir(exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".parse-", dir=manifest.parent))
     try:
         result = subprocess.run(
             [str(Path(sys.executable).with_name("dbt")), "parse", "--project-dir", str(project),
-             "--profiles-dir", str(project), "--target-path", str(scratch), "--log-path", str(scratch)],
+             "--profiles-dir", str(project), "--profile", DBT_PROFILE, "--target", DBT_TARGET,
+             "--target-path", str(scratch), "--log-path", str(scratch)],
             env=dbt_environment(settings), capture_output=True, text=True, cwd=project,
         )  # fmt: skip
         if result.returncode != 0:
@@ -137,6 +148,7 @@ def build_manifest(settings: StackSettings) -> Path:
         # Cosmos hands the partial-parse state to each task's dbt, which then skips a full parse.
         os.replace(scratch / "partial_parse.msgpack", manifest.parent / "partial_parse.msgpack")
         os.replace(scratch / "manifest.json", manifest)
+        stamp.write_text(parsed_for)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return manifest
