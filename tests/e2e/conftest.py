@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from include.local_stack import airflow, runner
 from include.local_stack.postgres import free_port
 from include.local_stack.settings import StackSettings
+from tests.loopback import WebhookServer, serve_webhook, slack_connection
 
 # Small enough for CI, large enough that every event type and action flag occurs.
 E2E_SECURITIES = 400
@@ -24,7 +26,7 @@ class RunningStack:
     client: airflow.AirflowClient
 
 
-def start_stack(data_dir, warehouse_url: str | None) -> RunningStack:
+def start_stack(data_dir, warehouse_url: str | None, extra_env: dict[str, str]) -> RunningStack:
     settings = StackSettings(
         data_dir=data_dir,
         postgres_port=free_port(),
@@ -32,6 +34,7 @@ def start_stack(data_dir, warehouse_url: str | None) -> RunningStack:
         warehouse_url=warehouse_url,
         demo_securities=E2E_SECURITIES,
         demo_events=E2E_EVENTS,
+        extra_env=extra_env,
     )
     try:
         client = runner.up(settings)
@@ -41,15 +44,25 @@ def start_stack(data_dir, warehouse_url: str | None) -> RunningStack:
     return RunningStack(settings, client)
 
 
+@pytest.fixture(scope="module")
+def slack_receiver() -> Iterator[WebhookServer]:
+    """Where the stack's `slack_alerts` connection posts its alerts."""
+    with serve_webhook() as server:
+        yield server
+
+
 @pytest.fixture(scope="module", params=["pg18", "pg15"])
-def stack(request, server_dirs) -> Iterator[RunningStack]:
-    """A real Airflow whose warehouse is the embedded PostgreSQL 18, or the machine's PostgreSQL 15."""
+def stack(request, server_dirs, slack_receiver) -> Iterator[RunningStack]:
+    """A real Airflow whose warehouse is the embedded PostgreSQL 18, or the machine's PostgreSQL 15;
+    its alerts go to `slack_receiver`."""
     warehouse_url = None
     if request.param == "pg15":
         pg15 = request.getfixturevalue("pg15")
         warehouse_url = pg15.new_database("e2e_warehouse")
         warehouse_url, role = owned_by_new_login_role(pg15.admin_dsn, warehouse_url)
-    running = start_stack(server_dirs(f"stack-{request.param}"), warehouse_url)
+    slack_receiver.bodies.clear()
+    alerts = {"AIRFLOW_CONN_SLACK_ALERTS": json.dumps(slack_connection(slack_receiver.server_port))}
+    running = start_stack(server_dirs(f"stack-{request.param}"), warehouse_url, alerts)
     try:
         yield running
     finally:
