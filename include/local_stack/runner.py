@@ -224,9 +224,16 @@ def trigger_pipeline(client: airflow.AirflowClient, timeout: float = 900) -> Pip
     return run
 
 
+def task_label(ti: dict[str, Any]) -> str:
+    """A task instance as the UI names it: `task_id`, or `task_id[table]` for a mapped one."""
+    if ti["map_index"] < 0:
+        return ti["task_id"]
+    return f"{ti['task_id']}[{ti.get('rendered_map_index') or ti['map_index']}]"
+
+
 def failed_tasks(client: airflow.AirflowClient, dag_id: str, run_id: str) -> str:
     failed = [
-        f"{ti['task_id']}" + (f"[{ti.get('rendered_map_index') or ti['map_index']}]" if ti["map_index"] >= 0 else "")
+        task_label(ti)
         for ti in airflow.task_instances(client, dag_id, run_id)
         if ti["state"] in ("failed", "upstream_failed")
     ]

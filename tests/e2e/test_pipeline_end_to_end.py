@@ -19,6 +19,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from include.demo_data import tick
 from include.local_stack import airflow, runner
+from include.local_stack.runner import task_label
 from include.local_stack.settings import SOURCE_CONN_ID, WAREHOUSE_CONN_ID
 
 pytestmark = pytest.mark.e2e
@@ -240,10 +241,6 @@ class FailureAndRecovery:
     transform_after_recovery: dict
 
 
-def task_key(ti: dict) -> str:
-    return ti["task_id"] + (f"[{ti.get('rendered_map_index') or ti['map_index']}]" if ti["map_index"] >= 0 else "")
-
-
 @pytest.fixture(scope="module")
 def failure_and_recovery(stack, second_run, slack_receiver) -> FailureAndRecovery:
     """stock_master vanishes at the source during an ingestion; then it is back and the failed
@@ -260,7 +257,7 @@ def failure_and_recovery(stack, second_run, slack_receiver) -> FailureAndRecover
     finally:
         with psycopg.connect(source, autocommit=True) as conn:
             conn.execute("alter table public.stock_master_away rename to stock_master")
-    failed_tasks = {task_key(ti): ti["try_number"] for ti in airflow.task_instances(client, runner.INGEST_DAG, run_id)
+    failed_tasks = {task_label(ti): ti["try_number"] for ti in airflow.task_instances(client, runner.INGEST_DAG, run_id)
                     if ti["state"] in ("failed", "upstream_failed")}
     time.sleep(20)  # long enough for the scheduler to have started a transform, had the condition been met
     transforms_while_failed = {run["dag_run_id"] for run in airflow.dag_runs(client, runner.TRANSFORM_DAG)}
@@ -270,7 +267,7 @@ def failure_and_recovery(stack, second_run, slack_receiver) -> FailureAndRecover
                 {"dry_run": False, "dag_run_id": run_id, "only_failed": True, "reset_dag_runs": True})
     recovered_run = airflow.wait_for_run(client, runner.INGEST_DAG, run_id, timeout=600)
     ingest_tasks = airflow.task_instances(client, runner.INGEST_DAG, run_id)
-    recovered_tries = {task_key(ti): ti["try_number"] for ti in ingest_tasks if task_key(ti) in failed_tasks}
+    recovered_tries = {task_label(ti): ti["try_number"] for ti in ingest_tasks if task_label(ti) in failed_tasks}
     transform = airflow.wait_for_new_run(client, runner.TRANSFORM_DAG, known_transforms, "asset_triggered", 600)
     return FailureAndRecovery(run_id, failed_run, failed_tasks, alerts, transforms_while_failed - known_transforms,
                               recovered_run, recovered_tries, transform)
