@@ -80,6 +80,20 @@ def execute(dsn: str, statement: str, params: tuple[object, ...] | None = None) 
         conn.execute(statement, params)
 
 
+def settle(dsn: str) -> None:
+    """Start a timed run on a quiet server: no autovacuum worker busy, dirty buffers checkpointed.
+
+    Without it a checkpoint or an autovacuum of the previous run's table lands on a random later
+    run, the pipe's as often as the engine's, and the medians swing by a third.
+    """
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and conn.execute(
+                "select count(*) from pg_stat_activity where backend_type = 'autovacuum worker'").fetchone()[0]:
+            time.sleep(0.2)
+        conn.execute("checkpoint")
+
+
 def median_of(label: str, runs: list[float]) -> float:
     value = statistics.median(runs)
     print(f"  {label}: {', '.join(f'{r:.2f}' for r in runs)} -> median {value:.2f}s", file=sys.stderr)
@@ -123,6 +137,11 @@ def generate(admin_dsn: str, rows: int) -> tuple[str, str, float]:
     # Incremental sources index their cursor column; the full copies do not read it.
     execute(source, "create index bench_updated_at on public.bench (updated_at)")
     execute(source, "vacuum analyze public.bench")
+    # The same rows in random key order, as in a table whose rows were updated over the years: loading
+    # them keeps a primary key index busy with inserts all over the tree, not only at its right edge.
+    execute(source, "create table public.bench_shuffled (like public.bench including all)")
+    execute(source, "insert into public.bench_shuffled select * from public.bench order by random()")
+    execute(source, "vacuum analyze public.bench_shuffled")
     execute(target, "create schema raw")
     generate_s = time.perf_counter() - started
     print(f"  generated in {generate_s:.0f}s", file=sys.stderr)
@@ -150,42 +169,54 @@ def measure(admin_dsn: str, psql: str, args: argparse.Namespace) -> dict[str, ob
     # The pipe's target: the same columns and primary key, created empty.
     execute(target, TABLE_DDL.replace("public.bench", "raw.bench_pipe"))
 
-    def pipe() -> float:
-        execute(target, "truncate raw.bench_pipe")
-        started = time.perf_counter()
-        out = subprocess.Popen([psql, "-X", "-q", "-d", source, "-c",
-                                r"\copy public.bench to pstdout (format binary)"], stdout=subprocess.PIPE)
-        into = subprocess.run([psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", target, "-c",
-                               r"\copy raw.bench_pipe from pstdin (format binary)"], stdin=out.stdout,
-                              capture_output=True)
-        assert out.stdout is not None
-        out.stdout.close()
-        out.wait()
-        if into.returncode or out.returncode:
-            raise RuntimeError(f"psql pipe failed: {into.stderr.decode()[-500:]}")
-        return time.perf_counter() - started
+    def pipe(source_table: str) -> Callable[[], float]:
+        def one() -> float:
+            execute(target, "truncate raw.bench_pipe")
+            settle(target)
+            started = time.perf_counter()
+            out = subprocess.Popen([psql, "-X", "-q", "-d", source, "-c",
+                                    rf"\copy {source_table} to pstdout (format binary)"], stdout=subprocess.PIPE)
+            into = subprocess.run([psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", target, "-c",
+                                   r"\copy raw.bench_pipe from pstdin (format binary)"], stdin=out.stdout,
+                                  capture_output=True)
+            assert out.stdout is not None
+            out.stdout.close()
+            out.wait()
+            if into.returncode or out.returncode:
+                raise RuntimeError(f"psql pipe failed: {into.stderr.decode()[-500:]}")
+            return time.perf_counter() - started
+
+        return one
 
     full_table = TableConfig(name="bench", source="public.bench", target="raw.bench", validate=False)
+    shuffled_table = TableConfig(name="bench_shuffled", source="public.bench_shuffled", target="raw.bench_shuffled",
+                                 validate=False)
 
     def timed(action: Callable[[], object]) -> float:
+        settle(target)
         started = time.perf_counter()
         action()
         return time.perf_counter() - started
 
-    def full() -> float:
-        return timed(lambda: sync_table(source, target, full_table))
+    def full(table: TableConfig) -> Callable[[], float]:
+        return lambda: timed(lambda: sync_table(source, target, table))
 
-    print("warm-up: first full sync creates raw.bench", file=sys.stderr)
-    full()
-    pipe_runs: list[float] = []
-    full_runs: list[float] = []
+    print("warm-up: the first full syncs create raw.bench and raw.bench_shuffled", file=sys.stderr)
+    full(full_table)()
+    full(shuffled_table)()
+    runs: dict[str, list[float]] = {"pipe": [], "full": [], "pipe_shuffled": [], "full_shuffled": []}
     for _ in range(args.repeat):
-        pipe_runs.append(pipe())
-        full_runs.append(full())
-    pipe_s = median_of("psql binary pipe", pipe_runs)
-    full_s = median_of("engine full sync", full_runs)
+        runs["pipe"].append(pipe("public.bench")())
+        runs["full"].append(full(full_table)())
+        runs["pipe_shuffled"].append(pipe("public.bench_shuffled")())
+        runs["full_shuffled"].append(full(shuffled_table)())
+    pipe_s = median_of("psql binary pipe", runs["pipe"])
+    full_s = median_of("engine full sync", runs["full"])
+    pipe_shuffled_s = median_of("psql binary pipe, rows in random key order", runs["pipe_shuffled"])
+    full_shuffled_s = median_of("engine full sync, rows in random key order", runs["full_shuffled"])
 
     # Peak memory of a whole engine process, from the CLI's own report.
+    settle(target)
     cli_s, cli_report = run(engine("sync", "--source", source, "--target", target, "--table", "public.bench",
                                    "--target-table", "raw.bench", "--no-validate"))
     assert cli_report is not None and cli_report["rows_read"] == args.rows, cli_report
@@ -195,21 +226,18 @@ def measure(admin_dsn: str, psql: str, args: argparse.Namespace) -> dict[str, ob
     validate_runs = [timed(lambda: validate_table(source, target, full_table)) for _ in range(args.repeat)]
     validate_s = median_of("engine validate", validate_runs)
 
-    def incremental(target_table: str, deletes: str) -> Callable[[int], float]:
+    def incremental(target_table: str, deletes: str) -> Callable[[], float]:
         table = TableConfig(name=target_table, source="public.bench", target=target_table, mode="incremental",
                             cursor_column="updated_at", delete_detection=deletes, validate=False)  # type: ignore[arg-type]
         sync_table(source, target, table)  # the initial load, not timed
 
-        def one(round_number: int) -> float:
-            # 1% of the rows change; with delete detection, 0.01% also disappear.
-            execute(source, "update public.bench set price = price + 1, updated_at = clock_timestamp() "
-                    "where id %% 100 = %s", (round_number,))
-            if deletes != "none":
-                execute(source, "delete from public.bench where id %% 10000 = %s", (50 + round_number,))
+        def one() -> float:
+            settle(target)
             started = time.perf_counter()
             report = sync_table(source, target, table)
             elapsed = time.perf_counter() - started
-            assert report.rows_updated > 0, report.summary()
+            assert report.rows_updated == changed and report.rows_deleted == (deleted if deletes != "none" else 0), (
+                report.summary())
             return elapsed
 
         return one
@@ -217,9 +245,14 @@ def measure(admin_dsn: str, psql: str, args: argparse.Namespace) -> dict[str, ob
     print("incremental runs ...", file=sys.stderr)
     plain, with_deletes = incremental("raw.bench_inc", "none"), incremental("raw.bench_del", "hard")
     incremental_runs, delete_runs = [], []
-    for round_number in range(args.repeat):
-        incremental_runs.append(plain(round_number + 1))
-        delete_runs.append(with_deletes(round_number + 11))
+    for round_number in range(1, args.repeat + 1):
+        # Each round changes 1% of the rows and deletes 0.01%; both tables then sync that change alone.
+        with psycopg.connect(source, autocommit=True) as conn:
+            changed = conn.execute("update public.bench set price = price + 1, updated_at = clock_timestamp() "
+                                   "where id %% 100 = %s", (round_number,)).rowcount
+            deleted = conn.execute("delete from public.bench where id %% 10000 = %s", (50 + round_number,)).rowcount
+        incremental_runs.append(plain())
+        delete_runs.append(with_deletes())
     incremental_s = median_of("incremental, 1% changed", incremental_runs)
     delete_s = median_of("incremental + hard delete detection", delete_runs)
 
@@ -231,9 +264,10 @@ def measure(admin_dsn: str, psql: str, args: argparse.Namespace) -> dict[str, ob
         "rows": args.rows, "table_mb": round(table_bytes / 2**20), "repeat": args.repeat,
         "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "postgres": server_version},
-        "seconds": {"pipe": pipe_s, "full": full_s, "validate": validate_s, "incremental": incremental_s,
-                    "incremental_deletes": delete_s, "naive_scaled": naive_s, **upsert},
-        "runs": {"pipe": pipe_runs, "full": full_runs, "validate": validate_runs, "incremental": incremental_runs,
+        "seconds": {"pipe": pipe_s, "full": full_s, "pipe_shuffled": pipe_shuffled_s, "full_shuffled": full_shuffled_s,
+                    "validate": validate_s, "incremental": incremental_s, "incremental_deletes": delete_s,
+                    "naive_scaled": naive_s, **upsert},
+        "runs": {**runs, "validate": validate_runs, "incremental": incremental_runs,
                  "incremental_deletes": delete_runs},
         "peak_rss_mb": peak_rss, "cli_full_s": cli_s, "generate_s": round(generate_s, 1),
         "naive_rows": min(args.naive_rows, args.rows),
@@ -301,6 +335,10 @@ def print_table(results: dict[str, object]) -> None:
     print("|---|---:|---:|---|")
     print(f"| psql `\\copy` binary pipe into the table with its key (baseline) | {pipe:.2f} | 1.00 × pipe | |")
     print(f"| engine full sync | {full:.2f} | {full / pipe:.2f} × pipe | ≤ 0.9 |")
+    shuffled_pipe, shuffled_full = seconds["pipe_shuffled"], seconds["full_shuffled"]
+    print(f"| the same rows in random key order: psql pipe | {shuffled_pipe:.2f} | 1.00 × pipe | |")
+    print(f"| the same rows in random key order: engine full sync | {shuffled_full:.2f} | "
+          f"{shuffled_full / shuffled_pipe:.2f} × pipe | ≤ 0.9 |")
     print(f"| engine incremental, 1% rows changed | {seconds['incremental']:.2f} | "
           f"{seconds['incremental'] / full:.2f} × full | ≤ 0.10 |")
     print(f"| engine incremental + hard delete detection | {seconds['incremental_deletes']:.2f} | "

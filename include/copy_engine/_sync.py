@@ -170,13 +170,13 @@ class _Progress:
 
 def _stream(src: psycopg.Connection, query: sql.Composable, params: dict[str, object],
             tgt: psycopg.Connection, into: sql.Composable, columns: list[str], *, binary: bool,
-            progress: str | None = None) -> tuple[int, int]:
+            progress: str | None = None, freeze: bool = False) -> tuple[int, int]:
     """COPY the query's rows from `src` into `into` on `tgt`; returns (rows, bytes). Memory stays bounded.
 
     With a `progress` label, a long COPY logs how far it got every few seconds.
     """
     options = [sql.SQL("format binary")] if binary else []
-    in_options = list(options)
+    in_options = list(options) + ([sql.SQL("freeze")] if freeze else [])
     source = query if isinstance(query, _TableColumns) else sql.SQL("({})").format(query)
     copy_out = sql.SQL("copy {} to stdout {}").format(
         source, sql.SQL("({})").format(sql.SQL(", ").join(options)) if options else sql.SQL(""))
@@ -221,13 +221,14 @@ def _pump(src: psycopg.Connection, out_query: bytes, tgt: psycopg.Connection, in
             # _WRITE_BATCH-sized messages, which saves the target backend a message per row.
             batch: list[memoryview] = []
             pending = messages = 0
+            read, keep, batch_size = source.get_copy_data, batch.append, _WRITE_BATCH  # locals: once a row
             while True:
-                size, data = source.get_copy_data(0)
+                size, data = read(0)
                 if size < 0:
                     break
-                batch.append(data)
+                keep(data)
                 pending += size
-                if pending >= _WRITE_BATCH:
+                if pending >= batch_size:
                     if target.put_copy_data(b"".join(batch)) != 1:
                         raise _result_error(tgt, None)
                     total += pending
@@ -310,8 +311,12 @@ def _load_full(src: psycopg.Connection, tgt: psycopg.Connection, table: TableCon
     report.rows_deleted = int(before[0]) if before else 0
     key_constraint = _drop_primary_key(tgt, names, shape)
     tgt.execute(sql.SQL("truncate {}").format(target))
+    # FREEZE (allowed: the table was truncated in this transaction) writes the rows frozen and their
+    # pages all-visible, so the first reader sets no hint bits, vacuum need not freeze them, and the
+    # next full sync counts the old rows from the key index. Like TRUNCATE, it lets a transaction whose
+    # snapshot is older than the commit see the new rows; readers still never see a partial table.
     rows, size = _stream(src, names.copy_source(plan.columns), {}, tgt, target, plan.columns,
-                         binary=plan.binary, progress=table.name)
+                         binary=plan.binary, progress=table.name, freeze=_is_plain_table(tgt, names))
     if key_constraint:
         # One in-memory sort for the rebuilt key index (the default 64MB spills at a few million rows).
         tgt.execute("select set_config('maintenance_work_mem', '256MB', true)")
@@ -327,6 +332,13 @@ def _load_full(src: psycopg.Connection, tgt: psycopg.Connection, table: TableCon
     report.rows_read = rows
     report.rows_inserted = rows
     report.bytes = size
+
+
+def _is_plain_table(tgt: psycopg.Connection, names: _Names) -> bool:
+    """Not partitioned (COPY FREEZE refuses partitioned tables)."""
+    row = tgt.execute("select c.relkind = 'r' from pg_class as c join pg_namespace as n on n.oid = c.relnamespace "
+                      "where n.nspname = %s and c.relname = %s", names.table.target_schema_table).fetchone()
+    return bool(row and row[0])
 
 
 def _drop_primary_key(tgt: psycopg.Connection, names: _Names, shape: Shape) -> str | None:

@@ -98,3 +98,49 @@ def test_a_long_copy_logs_its_progress(pair, monkeypatch, caplog):
     assert len(rows) >= 3, progress
     assert rows == sorted(rows) and 0 < rows[0] and rows[-1] <= report.rows_read + 1
     assert all(" MB so far (" in message and " MB/s)" in message for message in progress)
+
+
+def test_full_sync_writes_frozen_pages_so_the_first_readers_do_not_rewrite_them(pair):
+    # COPY FREEZE into the table truncated in the same transaction: every page is all-visible and
+    # all-frozen at commit, so dbt's first read sets no hint bits and vacuum has nothing to freeze.
+    make_stock(pair, 5000)
+    table = TableConfig(name="stock_master", source="public.stock_master", validate=False)
+    sync_table(pair.source, pair.target, table)
+    sync_table(pair.source, pair.target, table)
+
+    pair.run(pair.target, "create extension if not exists pageinspect")
+    pages = pair.scalar(pair.target, "select pg_relation_size('raw.stock_master') / current_setting('block_size')::int")
+    # HEAP_XMIN_FROZEN = 0x0300 in t_infomask.
+    tuples = pair.rows(pair.target, f"""
+        select count(*), count(*) filter (where t_infomask & 768 = 768)
+        from generate_series(0, {pages} - 1) as block,
+             heap_page_items(get_raw_page('raw.stock_master', block::int)) where lp_flags = 1""")
+    assert tuples == [(5000, 5000)]
+    pair.run(pair.target, "create extension if not exists pg_visibility")
+    all_visible, all_frozen = pair.rows(
+        pair.target, "select all_visible, all_frozen from pg_visibility_map_summary('raw.stock_master')")[0]
+    assert all_visible == all_frozen > pages // 2
+
+
+def test_full_sync_into_an_existing_partitioned_table(pair):
+    make_stock(pair, 300)
+    pair.run(pair.target, "create schema if not exists raw")
+    pair.run(pair.target, "create table raw.stock_master (security_id bigint primary key, isin char(12), ticker text, "
+             "name_en text, name_ko text, exchange_mic char(4), currency char(3), security_type text, status text, "
+             "listing_date date, created_at timestamptz, updated_at timestamptz) partition by range (security_id)")
+    pair.run(pair.target, "create table raw.stock_master_low partition of raw.stock_master "
+             "for values from (1) to (150)")
+    pair.run(pair.target, "create table raw.stock_master_high partition of raw.stock_master "
+             "for values from (150) to (maxvalue)")
+    table = TableConfig(name="stock_master", source="public.stock_master")
+
+    report = sync_table(pair.source, pair.target, table)
+    report = sync_table(pair.source, pair.target, table)
+
+    assert report.status == "success", report.error
+    assert (report.rows_read, report.rows_inserted, report.rows_deleted) == (300, 300, 300)
+    assert report.validation.match is True
+    assert pair.rows(pair.target, "select count(*) from raw.stock_master_low") == [(149,)]
+    query = "select * from {} order by security_id"
+    assert pair.rows(pair.target, query.format("raw.stock_master")) == pair.rows(
+        pair.source, query.format("public.stock_master"))
