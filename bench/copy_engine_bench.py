@@ -81,7 +81,7 @@ def execute(dsn: str, statement: str, params: tuple[object, ...] | None = None) 
 
 
 def settle(dsn: str) -> None:
-    """Start a timed run on a quiet server: no autovacuum worker busy, dirty buffers checkpointed.
+    """Start a timed run on a quiet server: no autovacuum worker busy, dirty buffers checkpointed and on disk.
 
     Without it a checkpoint or an autovacuum of the previous run's table lands on a random later
     run, the pipe's as often as the engine's, and the medians swing by a third.
@@ -92,6 +92,7 @@ def settle(dsn: str) -> None:
                 "select count(*) from pg_stat_activity where backend_type = 'autovacuum worker'").fetchone()[0]:
             time.sleep(0.2)
         conn.execute("checkpoint")
+    os.sync()  # the kernel's writeback of those pages would otherwise land on the next run
 
 
 def median_of(label: str, runs: list[float]) -> float:
