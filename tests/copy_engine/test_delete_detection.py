@@ -7,6 +7,8 @@ and check that exactly those keys go and nothing else.
 
 from __future__ import annotations
 
+import psycopg
+
 from include.copy_engine import TableConfig, sync_table
 from include.copy_engine._sync import _Spans
 
@@ -102,3 +104,35 @@ def test_spans_merge_adjacent_ranges_and_keep_the_open_ends():
     assert _Spans.of_ranges("id", "bigint", bounds, [0, 1, 3]).spans == [(None, "20"), ("30", "40")]
     assert _Spans.of_ranges("id", "bigint", bounds, [4, 2]).spans == [("20", "30"), ("40", None)]
     assert _Spans.of_ranges("id", "bigint", [], [0]).spans == [(None, None)]
+
+
+def test_when_the_extra_connections_are_refused_the_sync_sums_the_keys_itself(pair, caplog):
+    # A role allowed two connections: the sync's own two work, the two beside it are refused, and
+    # the deletes are still found exactly, inside the sync's transaction.
+    role = f"limited_{pair.target.rsplit('/', 1)[-1]}"
+    target_db, source_db = pair.target.rsplit("/", 1)[-1], pair.source.rsplit("/", 1)[-1]
+    make_stock(pair, 5000)
+    pair.run(pair.target, f'create role "{role}" login connection limit 2')
+    try:
+        pair.run(pair.target, f'alter database "{target_db}" owner to "{role}"')
+        pair.run(pair.source, f'grant select on public.stock_master to "{role}"')
+        pair.run(pair.source, f'grant connect on database "{source_db}" to "{role}"')
+        source, target = (psycopg.conninfo.make_conninfo(dsn, user=role) for dsn in (pair.source, pair.target))
+        table = stock_table()
+        sync_table(source, target, table)
+        pair.run(pair.source, "delete from public.stock_master where security_id = any(%s)", (DELETED,))
+
+        with caplog.at_level("WARNING", logger="include.copy_engine._sync"):
+            report = sync_table(source, target, table)
+
+        assert report.status == "success", report.error
+        assert (report.rows_read, report.rows_deleted) == (0, 15)
+        assert report.validation.match is True
+        assert set(keys(pair, "select security_id from raw.stock_master")) == set(range(1, 5001)) - set(DELETED)
+        warnings = [r.getMessage() for r in caplog.records if "keys beside the sync failed" in r.getMessage()]
+        assert len(warnings) == 1 and "too many connections" in warnings[0], warnings
+    finally:
+        pair.run(pair.target, f'alter database "{target_db}" owner to current_user')
+        pair.run(pair.source, f'drop owned by "{role}"')
+        pair.run(pair.target, f'drop owned by "{role}"')
+        pair.run(pair.target, f'drop role "{role}"')
