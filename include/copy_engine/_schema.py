@@ -33,7 +33,7 @@ order by a.attnum
 """
 
 _RELATION_SQL = """
-select c.oid::int from pg_class as c join pg_namespace as n on n.oid = c.relnamespace
+select c.oid::int, c.relkind::text from pg_class as c join pg_namespace as n on n.oid = c.relnamespace
 where n.nspname = %s and c.relname = %s and c.relkind in ('r', 'p', 'v', 'm', 'f')
 """
 
@@ -89,11 +89,18 @@ class TargetPlan:
     binary: bool
     changes: list[str] = field(default_factory=list)
     existed: bool = True
+    ordinary_table: bool = True  # not partitioned or foreign: those refuse COPY FREEZE
+
+
+def find_relation(conn: psycopg.Connection, schema: str, name: str) -> tuple[int, str] | None:
+    """The relation's oid and relkind, or None when there is none of that name."""
+    row = conn.execute(_RELATION_SQL, (schema, name)).fetchone()
+    return (int(row[0]), str(row[1])) if row else None
 
 
 def relation_oid(conn: psycopg.Connection, schema: str, name: str) -> int | None:
-    row = conn.execute(_RELATION_SQL, (schema, name)).fetchone()
-    return int(row[0]) if row else None
+    found = find_relation(conn, schema, name)
+    return found[0] if found else None
 
 
 def _read_columns(conn: psycopg.Connection, oid: int) -> list[Column]:
@@ -330,9 +337,9 @@ def prepare_target(
     """Create the target table or bring it in line with the source; runs in the data transaction."""
     create_schema_if_missing(conn, schema_name)
     target = sql.Identifier(schema_name, relation)
-    oid = relation_oid(conn, schema_name, relation)
+    found = find_relation(conn, schema_name, relation)
     changes: list[str] = []
-    if oid is None:
+    if found is None:
         definitions = [
             sql.SQL("{} {}{}").format(sql.Identifier(c.name), sql.SQL(c.type_sql),
                                       sql.SQL(" not null") if c.not_null else sql.SQL(""))
@@ -349,6 +356,7 @@ def prepare_target(
         return TargetPlan(shape.names, [SOFT_DELETE_COLUMN] if soft_delete else [],
                           all(c.binary_safe for c in shape.columns), changes, existed=False)
 
+    oid, kind = found
     existing = {column.name: column for column in _read_columns(conn, oid)}
     binary = True
     for column in shape.columns:
@@ -407,4 +415,4 @@ def prepare_target(
             "the source has no primary key; set primary_key in the configuration", table=table)
     for change in changes:
         logger.info("%s: schema change: %s", table, change)
-    return TargetPlan(shape.names, extra, binary, changes, existed=True)
+    return TargetPlan(shape.names, extra, binary, changes, existed=True, ordinary_table=kind == "r")

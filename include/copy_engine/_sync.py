@@ -316,7 +316,7 @@ def _load_full(src: psycopg.Connection, tgt: psycopg.Connection, table: TableCon
     # next full sync counts the old rows from the key index. Like TRUNCATE, it lets a transaction whose
     # snapshot is older than the commit see the new rows; readers still never see a partial table.
     rows, size = _stream(src, names.copy_source(plan.columns), {}, tgt, target, plan.columns,
-                         binary=plan.binary, progress=table.name, freeze=_is_plain_table(tgt, names))
+                         binary=plan.binary, progress=table.name, freeze=plan.ordinary_table)
     if key_constraint:
         # One in-memory sort for the rebuilt key index (the default 64MB spills at a few million rows).
         tgt.execute("select set_config('maintenance_work_mem', '256MB', true)")
@@ -332,13 +332,6 @@ def _load_full(src: psycopg.Connection, tgt: psycopg.Connection, table: TableCon
     report.rows_read = rows
     report.rows_inserted = rows
     report.bytes = size
-
-
-def _is_plain_table(tgt: psycopg.Connection, names: _Names) -> bool:
-    """Not partitioned (COPY FREEZE refuses partitioned tables)."""
-    row = tgt.execute("select c.relkind = 'r' from pg_class as c join pg_namespace as n on n.oid = c.relnamespace "
-                      "where n.nspname = %s and c.relname = %s", names.table.target_schema_table).fetchone()
-    return bool(row and row[0])
 
 
 def _drop_primary_key(tgt: psycopg.Connection, names: _Names, shape: Shape) -> str | None:
