@@ -170,24 +170,21 @@ def measure(admin_dsn: str, psql: str, args: argparse.Namespace) -> dict[str, ob
     # The pipe's target: the same columns and primary key, created empty.
     execute(target, TABLE_DDL.replace("public.bench", "raw.bench_pipe"))
 
-    def pipe(source_table: str) -> Callable[[], float]:
-        def one() -> float:
-            execute(target, "truncate raw.bench_pipe")
-            settle(target)
-            started = time.perf_counter()
-            out = subprocess.Popen([psql, "-X", "-q", "-d", source, "-c",
-                                    rf"\copy {source_table} to pstdout (format binary)"], stdout=subprocess.PIPE)
-            into = subprocess.run([psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", target, "-c",
-                                   r"\copy raw.bench_pipe from pstdin (format binary)"], stdin=out.stdout,
-                                  capture_output=True)
-            assert out.stdout is not None
-            out.stdout.close()
-            out.wait()
-            if into.returncode or out.returncode:
-                raise RuntimeError(f"psql pipe failed: {into.stderr.decode()[-500:]}")
-            return time.perf_counter() - started
-
-        return one
+    def pipe(source_table: str) -> float:
+        execute(target, "truncate raw.bench_pipe")
+        settle(target)
+        started = time.perf_counter()
+        out = subprocess.Popen([psql, "-X", "-q", "-d", source, "-c",
+                                rf"\copy {source_table} to pstdout (format binary)"], stdout=subprocess.PIPE)
+        into = subprocess.run([psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", target, "-c",
+                               r"\copy raw.bench_pipe from pstdin (format binary)"], stdin=out.stdout,
+                              capture_output=True)
+        assert out.stdout is not None
+        out.stdout.close()
+        out.wait()
+        if into.returncode or out.returncode:
+            raise RuntimeError(f"psql pipe failed: {into.stderr.decode()[-500:]}")
+        return time.perf_counter() - started
 
     full_table = TableConfig(name="bench", source="public.bench", target="raw.bench", validate=False)
     shuffled_table = TableConfig(name="bench_shuffled", source="public.bench_shuffled", target="raw.bench_shuffled",
@@ -199,18 +196,18 @@ def measure(admin_dsn: str, psql: str, args: argparse.Namespace) -> dict[str, ob
         action()
         return time.perf_counter() - started
 
-    def full(table: TableConfig) -> Callable[[], float]:
-        return lambda: timed(lambda: sync_table(source, target, table))
+    def full(table: TableConfig) -> float:
+        return timed(lambda: sync_table(source, target, table))
 
     print("warm-up: the first full syncs create raw.bench and raw.bench_shuffled", file=sys.stderr)
-    full(full_table)()
-    full(shuffled_table)()
+    full(full_table)
+    full(shuffled_table)
     runs: dict[str, list[float]] = {"pipe": [], "full": [], "pipe_shuffled": [], "full_shuffled": []}
     for _ in range(args.repeat):
-        runs["pipe"].append(pipe("public.bench")())
-        runs["full"].append(full(full_table)())
-        runs["pipe_shuffled"].append(pipe("public.bench_shuffled")())
-        runs["full_shuffled"].append(full(shuffled_table)())
+        runs["pipe"].append(pipe("public.bench"))
+        runs["full"].append(full(full_table))
+        runs["pipe_shuffled"].append(pipe("public.bench_shuffled"))
+        runs["full_shuffled"].append(full(shuffled_table))
     pipe_s = median_of("psql binary pipe", runs["pipe"])
     full_s = median_of("engine full sync", runs["full"])
     pipe_shuffled_s = median_of("psql binary pipe, rows in random key order", runs["pipe_shuffled"])
