@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
@@ -44,7 +44,11 @@ from ._errors import CopyEngineError, SourceError, TerminalError, TransientError
 from ._report import RangeDifference, SyncReport, ValidationResult
 from ._schema import Shape, TargetPlan, describe_source, ensure_types, prepare_target, relation_oid, user_types
 from ._state import STATE_SCHEMA, ensure_state_tables, read_watermark, record_run, write_state
+from ._swap import LIKE_TARGET, SwapRefusedError, swap_blockers, swap_in
 from ._validate import RowSet, boundaries
+
+if TYPE_CHECKING:
+    from ._sync import _Names
 
 logger = logging.getLogger(__name__)
 
@@ -159,9 +163,13 @@ def _as_plan(plan: ParallelPlan | Mapping[str, Any]) -> ParallelPlan:
     return plan if isinstance(plan, ParallelPlan) else ParallelPlan.from_dict(plan)
 
 
-def _stage_name(table: TableConfig) -> sql.Identifier:
+def _stage_relation(table: TableConfig) -> str:
     schema, relation = table.target_schema_table
-    return sql.Identifier(STATE_SCHEMA, f"stage_{schema}_{relation}"[:63])
+    return f"stage_{schema}_{relation}"[:63]
+
+
+def _stage_name(table: TableConfig) -> sql.Identifier:
+    return sql.Identifier(STATE_SCHEMA, _stage_relation(table))
 
 
 def ensure_parallel_tables(conn: psycopg.Connection) -> None:
@@ -313,7 +321,7 @@ def hold_snapshot(source_dsn: str, target_dsn: str, table: TableConfig, plan: Pa
     run = _as_plan(plan)
     if not run.ranges:
         return "none"
-    from ._sync import _acquire_run_lock, _column_list, _Names, _open_snapshot, _release_run_lock
+    from ._sync import _acquire_run_lock, _Names, _open_snapshot, _release_run_lock
 
     names = _Names(table)
     stage = _stage_name(table)
@@ -343,8 +351,7 @@ def hold_snapshot(source_dsn: str, target_dsn: str, table: TableConfig, plan: Pa
                                                  soft_delete=table.delete_detection == "soft", need_key=True)
                     changes.extend(target_plan.changes)
                     tgt.execute(sql.SQL("drop table if exists {}").format(stage))
-                    tgt.execute(sql.SQL("create unlogged table {} as select {} from {} with no data").format(
-                        stage, _column_list(target_plan.columns), names.target))
+                    _create_stage(tgt, table, stage, names.target, target_plan.columns)
                 _open_snapshot(src)
                 # The transaction is idle between its statements for as long as the copy takes.
                 src.execute("select set_config('idle_in_transaction_session_timeout', '0', true)")
@@ -374,6 +381,22 @@ def hold_snapshot(source_dsn: str, target_dsn: str, table: TableConfig, plan: Pa
                 _release_run_lock(tgt, names.target_text)
     except psycopg.Error as error:
         raise_classified(error, table=table.name, doing="holding the parallel copy's snapshot")
+
+
+def _create_stage(tgt: psycopg.Connection, table: TableConfig, stage: sql.Identifier, target: sql.Identifier,
+                  columns: list[str]) -> None:
+    """A copy of the target to swap in when nothing keeps the target from being swapped (the rows are
+    then written once), otherwise an unlogged staging table whose rows the finish inserts in place."""
+    from ._sync import _column_list
+
+    blockers = swap_blockers(tgt, relation_oid(tgt, *table.target_schema_table) or 0)
+    if not blockers:
+        tgt.execute(sql.SQL("create table {} (like {} {})").format(stage, target, LIKE_TARGET))
+        return
+    logger.info("%s: the ranges will be written into the target in place, not swapped in: %s", table.name,
+                "; ".join(blockers))
+    tgt.execute(sql.SQL("create unlogged table {} as select {} from {} with no data").format(
+        stage, _column_list(columns), target))
 
 
 def _wait_until_done(src: psycopg.Connection, tgt: psycopg.Connection, table: TableConfig, run: ParallelPlan, *,
@@ -486,10 +509,9 @@ def _new_report(table: TableConfig) -> SyncReport:
 def _finish_into(source_dsn: str, target_dsn: str, table: TableConfig, run: ParallelPlan, report: SyncReport,
                  validate: bool, *, audit: bool) -> None:
     """The finish step, filling `report`; with `audit`, the `sync_runs` row commits with the data."""
-    from ._sync import _column_list, _drop_primary_key, _Names, _set_lock_timeout, _validate_in_snapshot
+    from ._sync import _Names, _set_lock_timeout, _validate_in_snapshot
 
     names = _Names(table)
-    stage = _stage_name(table)
     with connect(target_dsn, role="target", table=table.name) as tgt, \
             connect(source_dsn, role="source", table=table.name) as src:
         with tgt.transaction():
@@ -515,31 +537,13 @@ def _finish_into(source_dsn: str, target_dsn: str, table: TableConfig, run: Para
             if _run_row(tgt, run.run_key, lock=True)["state"] != "held":
                 raise _released(table, run, _run_row(tgt, run.run_key))
             _set_lock_timeout(tgt, table)
-            tgt.execute(sql.SQL("lock table {} in access exclusive mode").format(names.target))
-            before = tgt.execute(sql.SQL("select count(*) from {}").format(names.target)).fetchone()
-            report.rows_deleted = int(before[0]) if before else 0
-            constraint = _drop_primary_key(tgt, names, shape)
-            tgt.execute(sql.SQL("truncate {}").format(names.target))
-            inserted = tgt.execute(sql.SQL("insert into {} ({}) select {} from {}").format(
-                names.target, _column_list(columns), _column_list(columns), stage))
-            report.rows_inserted = max(inserted.rowcount, 0)
-            if constraint:
-                tgt.execute("select set_config('maintenance_work_mem', '256MB', true)")
-                try:
-                    with tgt.transaction():
-                        tgt.execute(sql.SQL("alter table {} add constraint {} primary key ({})").format(
-                            names.target, sql.Identifier(constraint), _column_list(list(shape.primary_key))))
-                except psycopg.errors.UniqueViolation as error:
-                    raise SourceError(
-                        f"the source rows repeat a primary key value ({', '.join(shape.primary_key)}): "
-                        f"{(str(error).splitlines() or [''])[-1]}; fix the custom select or primary_key",
-                        table=table.name) from error
+            if not _swap_loaded_table(tgt, table, run, shape, report):
+                _insert_loaded_rows(tgt, table, names, shape, columns, report)
             if table.mode == "incremental":
                 assert table.cursor_column is not None
                 row = tgt.execute(sql.SQL("select max({})::text from {}").format(
                     sql.Identifier(table.cursor_column), names.target)).fetchone()
                 report.watermark_after = row[0] if row else None
-            tgt.execute(sql.SQL("drop table {}").format(stage))
             write_state(tgt, report, table.cursor_column)
             if validate:
                 # Inside the snapshot the ranges read, before the commit: the audit row can say the result.
@@ -554,6 +558,52 @@ def _finish_into(source_dsn: str, target_dsn: str, table: TableConfig, run: Para
         src.rollback()
     logger.info("%s: parallel run %s committed %d row(s) into %s", table.name, run.run_key, report.rows_inserted,
                 names.target_text)
+
+
+def _swap_loaded_table(tgt: psycopg.Connection, table: TableConfig, run: ParallelPlan, shape: Shape,
+                       report: SyncReport) -> bool:
+    """Swap the staging table in for the target when it was created for that (as a copy of the target
+    that nothing keeps from being swapped); False when the rows must be written in place instead."""
+    from ._sync import add_primary_key
+
+    stage = _stage_name(table)
+    row = tgt.execute("select relpersistence = 'p' from pg_class where oid = %s::regclass",
+                      (stage.as_string(tgt),)).fetchone()
+    if not (row and row[0]):
+        return False
+    key = f"copy_engine_{run.run_key[:16]}_key"
+    # The key is built before the target is locked: readers keep reading the old rows meanwhile.
+    add_primary_key(tgt, stage, key, shape, table)
+    schema, relation = table.target_schema_table
+    try:
+        with tgt.transaction():
+            report.rows_deleted = swap_in(tgt, loaded=(STATE_SCHEMA, _stage_relation(table)), loaded_key=key,
+                                          schema=schema, relation=relation, table=table.name)
+    except SwapRefusedError as refused:
+        logger.warning("%s: cannot swap the loaded rows in (%s); writing them into the target in place",
+                       table.name, refused)
+        return False
+    report.rows_inserted = report.rows_read
+    return True
+
+
+def _insert_loaded_rows(tgt: psycopg.Connection, table: TableConfig, names: _Names, shape: Shape, columns: list[str],
+                        report: SyncReport) -> None:
+    """Replace the target's rows with the staging table's, in place: TRUNCATE, INSERT … SELECT, key."""
+    from ._sync import _column_list, _drop_primary_key, add_primary_key
+
+    stage = _stage_name(table)
+    tgt.execute(sql.SQL("lock table {} in access exclusive mode").format(names.target))
+    before = tgt.execute(sql.SQL("select count(*) from {}").format(names.target)).fetchone()
+    report.rows_deleted = int(before[0]) if before else 0
+    constraint = _drop_primary_key(tgt, names, shape)
+    tgt.execute(sql.SQL("truncate {}").format(names.target))
+    inserted = tgt.execute(sql.SQL("insert into {} ({}) select {} from {}").format(
+        names.target, _column_list(columns), _column_list(columns), stage))
+    report.rows_inserted = max(inserted.rowcount, 0)
+    if constraint:
+        add_primary_key(tgt, names.target, constraint, shape, table)
+    tgt.execute(sql.SQL("drop table {}").format(stage))
 
 
 def _complete(report: SyncReport) -> None:

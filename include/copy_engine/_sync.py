@@ -318,20 +318,26 @@ def _load_full(src: psycopg.Connection, tgt: psycopg.Connection, table: TableCon
     rows, size = _stream(src, names.copy_source(plan.columns), {}, tgt, target, plan.columns,
                          binary=plan.binary, progress=table.name, freeze=plan.ordinary_table)
     if key_constraint:
-        # One in-memory sort for the rebuilt key index (the default 64MB spills at a few million rows).
-        tgt.execute("select set_config('maintenance_work_mem', '256MB', true)")
-        try:
-            with tgt.transaction():
-                tgt.execute(sql.SQL("alter table {} add constraint {} primary key ({})").format(
-                    target, sql.Identifier(key_constraint), _column_list(list(shape.primary_key))))
-        except psycopg.errors.UniqueViolation as error:
-            raise SourceError(
-                f"the source rows repeat a primary key value ({', '.join(shape.primary_key)}): "
-                f"{(str(error).splitlines() or [''])[-1]}; fix the custom select or primary_key",
-                table=table.name) from error
+        add_primary_key(tgt, target, key_constraint, shape, table)
     report.rows_read = rows
     report.rows_inserted = rows
     report.bytes = size
+
+
+def add_primary_key(tgt: psycopg.Connection, relation: sql.Composable, constraint: str, shape: Shape,
+                    table: TableConfig) -> None:
+    """Build the primary key on freshly loaded rows; a repeated key value is the source's error."""
+    # One in-memory sort for the key index (the default 64MB spills at a few million rows).
+    tgt.execute("select set_config('maintenance_work_mem', '256MB', true)")
+    try:
+        with tgt.transaction():
+            tgt.execute(sql.SQL("alter table {} add constraint {} primary key ({})").format(
+                relation, sql.Identifier(constraint), _column_list(list(shape.primary_key))))
+    except psycopg.errors.UniqueViolation as error:
+        raise SourceError(
+            f"the source rows repeat a primary key value ({', '.join(shape.primary_key)}): "
+            f"{(str(error).splitlines() or [''])[-1]}; fix the custom select or primary_key",
+            table=table.name) from error
 
 
 def _drop_primary_key(tgt: psycopg.Connection, names: _Names, shape: Shape) -> str | None:
