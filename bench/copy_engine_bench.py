@@ -189,6 +189,9 @@ def measure(admin_dsn: str, psql: str, args: argparse.Namespace) -> dict[str, ob
     full_table = TableConfig(name="bench", source="public.bench", target="raw.bench", validate=False)
     shuffled_table = TableConfig(name="bench_shuffled", source="public.bench_shuffled", target="raw.bench_shuffled",
                                  validate=False)
+    # Two key ranges loaded side by side into a copy of the target, which is then swapped in.
+    parallel_table = TableConfig(name="bench_parallel", source="public.bench", target="raw.bench_parallel",
+                                 parallel=2, validate=False)
 
     def timed(action: Callable[[], object]) -> float:
         settle(target)
@@ -202,14 +205,18 @@ def measure(admin_dsn: str, psql: str, args: argparse.Namespace) -> dict[str, ob
     print("warm-up: the first full syncs create raw.bench and raw.bench_shuffled", file=sys.stderr)
     full(full_table)
     full(shuffled_table)
-    runs: dict[str, list[float]] = {"pipe": [], "full": [], "pipe_shuffled": [], "full_shuffled": []}
+    full(parallel_table)
+    runs: dict[str, list[float]] = {"pipe": [], "full": [], "full_parallel": [], "pipe_shuffled": [],
+                                    "full_shuffled": []}
     for _ in range(args.repeat):
         runs["pipe"].append(pipe("public.bench"))
         runs["full"].append(full(full_table))
+        runs["full_parallel"].append(full(parallel_table))
         runs["pipe_shuffled"].append(pipe("public.bench_shuffled"))
         runs["full_shuffled"].append(full(shuffled_table))
     pipe_s = median_of("psql binary pipe", runs["pipe"])
     full_s = median_of("engine full sync", runs["full"])
+    full_parallel_s = median_of("engine full sync, parallel: 2", runs["full_parallel"])
     pipe_shuffled_s = median_of("psql binary pipe, rows in random key order", runs["pipe_shuffled"])
     full_shuffled_s = median_of("engine full sync, rows in random key order", runs["full_shuffled"])
 
@@ -262,7 +269,8 @@ def measure(admin_dsn: str, psql: str, args: argparse.Namespace) -> dict[str, ob
         "rows": args.rows, "table_mb": round(table_bytes / 2**20), "repeat": args.repeat,
         "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "postgres": server_version},
-        "seconds": {"pipe": pipe_s, "full": full_s, "pipe_shuffled": pipe_shuffled_s, "full_shuffled": full_shuffled_s,
+        "seconds": {"pipe": pipe_s, "full": full_s, "full_parallel": full_parallel_s, "pipe_shuffled": pipe_shuffled_s,
+                    "full_shuffled": full_shuffled_s,
                     "validate": validate_s, "incremental": incremental_s, "incremental_deletes": delete_s,
                     "naive_scaled": naive_s, **upsert},
         "runs": {**runs, "validate": validate_runs, "incremental": incremental_runs,
@@ -333,6 +341,8 @@ def print_table(results: dict[str, object]) -> None:
     print("|---|---:|---:|---|")
     print(f"| psql `\\copy` binary pipe into the table with its key (baseline) | {pipe:.2f} | 1.00 × pipe | |")
     print(f"| engine full sync | {full:.2f} | {full / pipe:.2f} × pipe | ≤ 0.9 |")
+    print(f"| engine full sync, `parallel: 2` (two key ranges, then a swap) | {seconds['full_parallel']:.2f} | "
+          f"{seconds['full_parallel'] / pipe:.2f} × pipe | ≤ 0.9 |")
     shuffled_pipe, shuffled_full = seconds["pipe_shuffled"], seconds["full_shuffled"]
     print(f"| the same rows in random key order: psql pipe | {shuffled_pipe:.2f} | 1.00 × pipe | |")
     print(f"| the same rows in random key order: engine full sync | {shuffled_full:.2f} | "

@@ -572,8 +572,11 @@ def _swap_loaded_table(tgt: psycopg.Connection, table: TableConfig, run: Paralle
     if not (row and row[0]):
         return False
     key = f"copy_engine_{run.run_key[:16]}_key"
-    # The key is built before the target is locked: readers keep reading the old rows meanwhile.
+    # The key and the planner's statistics are built before the target is locked: readers keep
+    # reading the old rows meanwhile. (A table replaced in place keeps its statistics; a new one
+    # has none until autovacuum, and dbt reads it right after the sync.)
     add_primary_key(tgt, stage, key, shape, table)
+    tgt.execute(sql.SQL("analyze {}").format(stage))
     schema, relation = table.target_schema_table
     try:
         with tgt.transaction():

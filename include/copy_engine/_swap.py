@@ -27,11 +27,12 @@ from psycopg import sql
 
 logger = logging.getLogger(__name__)
 
-# Everything a CREATE TABLE ... (LIKE) can copy, except indexes (added after the load) and identity
-# columns (their sequence would start over; such tables are not swapped).
+# What CREATE TABLE ... (LIKE) copies, but indexes (the key is built after the load), identity columns
+# (their sequence would start over) and extended statistics (they would stay in the staging schema):
+# tables with those are not swapped.
 LIKE_TARGET = sql.SQL(
     "including defaults including constraints including generated including storage including compression "
-    "including comments including statistics")
+    "including comments")
 
 _COLUMN_OPTIONS = frozenset({"n_distinct", "n_distinct_inherited"})
 _PRIVILEGES = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER", "MAINTAIN"})
@@ -59,15 +60,15 @@ where blocked
 """
 
 # Objects that depend on the table and that a swap would neither carry over nor redefine. The row type,
-# column defaults, CHECK and NOT NULL constraints and extended statistics are copied by LIKE, the
-# primary key is rebuilt, and plain views are redefined; anything else is named.
+# column defaults, CHECK and NOT NULL constraints are copied by LIKE, the primary key is rebuilt, and
+# plain views are redefined; anything else is named.
 _DEPENDENT_BLOCKERS = """
 select coalesce((select pg_describe_object('pg_class'::regclass, r.ev_class, 0) from pg_rewrite as r
                  where d.classid = 'pg_rewrite'::regclass and r.oid = d.objid),  -- the view, not its rule
                 pg_describe_object(d.classid, d.objid, d.objsubid))
 from pg_depend as d
 where d.refclassid = 'pg_class'::regclass and d.refobjid = %(oid)s and d.deptype in ('n', 'a')
-  and d.classid not in ('pg_type'::regclass, 'pg_attrdef'::regclass, 'pg_statistic_ext'::regclass)
+  and d.classid not in ('pg_type'::regclass, 'pg_attrdef'::regclass)
   and not (d.classid = 'pg_constraint'::regclass
            and exists (select from pg_constraint as k
                        where k.oid = d.objid and k.conrelid = %(oid)s and k.contype in ('p', 'c', 'n')))

@@ -92,6 +92,8 @@ def test_the_swap_keeps_views_grants_comments_owner_and_key_name(pair, reader_ro
     assert pair.rows(pair.target, "select relname from pg_class where relnamespace in ('raw'::regnamespace, "
                      "'_copy_engine'::regnamespace) and relkind = 'r' and relname not in ('sync_runs', "
                      "'sync_state', 'parallel_runs', 'parallel_ranges') order by 1") == [("stock_master",)]
+    assert pair.scalar(pair.target, "select count(*) from pg_stats where schemaname = 'raw' "
+                       "and tablename = 'stock_master'") == 12  # analyzed before the swap
     with psycopg.connect(pair.target) as conn:
         conn.execute(f"set role {reader_role}")
         assert conn.execute("select count(*) from raw.stock_master").fetchone() == (900,)
@@ -148,6 +150,7 @@ def test_swap_blockers_name_what_a_new_table_would_lose(pair):
     pair.run(target, "create table public.child (id bigint primary key, busy_id bigint references public.busy)")
     pair.run(target, "create index busy_code_lower on public.busy (lower(code))")
     pair.run(target, "create unlogged table public.scratch (id bigint primary key)")
+    pair.run(target, "create statistics public.busy_code_n on code, n from public.busy")
 
     def blockers(name):
         with psycopg.connect(target) as conn:
@@ -161,5 +164,6 @@ def test_swap_blockers_name_what_a_new_table_would_lose(pair):
         "constraint busy_code_key on table public.busy depends on it",
         "constraint child_busy_id_fkey on table public.child depends on it",
         "index public.busy_code_lower depends on it",
+        "statistics object public.busy_code_n depends on it",
     ]
     assert blockers("public.scratch") == ["it is unlogged or temporary"]
