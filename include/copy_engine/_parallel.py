@@ -509,7 +509,7 @@ def _new_report(table: TableConfig) -> SyncReport:
 def _finish_into(source_dsn: str, target_dsn: str, table: TableConfig, run: ParallelPlan, report: SyncReport,
                  validate: bool, *, audit: bool) -> None:
     """The finish step, filling `report`; with `audit`, the `sync_runs` row commits with the data."""
-    from ._sync import _Names, _set_lock_timeout, _validate_in_snapshot
+    from ._sync import _Names, _set_lock_timeout, _validate_in_snapshot, record_committed
 
     names = _Names(table)
     with connect(target_dsn, role="target", table=table.name) as tgt, \
@@ -551,7 +551,9 @@ def _finish_into(source_dsn: str, target_dsn: str, table: TableConfig, run: Para
                 report.validation = _validate_in_snapshot(src, tgt, table, names, shape, target_plan)
             if audit:
                 _complete(report)
-                record_run(tgt, report)
+                report.run_id = record_run(tgt, report)
+            else:
+                record_committed(tgt, report)  # sync_table brings the row up to date after the commit
             tgt.execute(sql.SQL("update {} set state = 'finished', ended_at = now(), report = %s "
                                 "where run_key = %s").format(_RUNS),
                         (Jsonb(json.loads(json.dumps(report.to_dict()))), run.run_key))

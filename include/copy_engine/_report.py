@@ -66,6 +66,7 @@ class SyncReport:
     workers: int = 1
     error: str | None = None
     error_type: str | None = None
+    run_id: int | None = None  # the run's row in _copy_engine.sync_runs
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

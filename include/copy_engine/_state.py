@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 from typing import Any
@@ -98,21 +99,43 @@ def write_state(conn: psycopg.Connection, report: SyncReport, cursor_column: str
     )
 
 
-def record_run(conn: psycopg.Connection, report: SyncReport) -> None:
-    """Append the run to `_copy_engine.sync_runs` (its own transaction)."""
+_RUN_COLUMNS = ("table_name", "source", "target_table", "mode", "status", "started_at", "finished_at", "rows_read",
+                "rows_inserted", "rows_updated", "rows_deleted", "bytes", "duration_s", "watermark_before",
+                "watermark_after", "validation_match", "schema_changes", "attempts", "error", "report")
+
+
+def _run_values(report: SyncReport) -> tuple[Any, ...]:
     data: dict[str, Any] = report.to_dict()
+    data.pop("run_id")  # the row's own run_id column says it
+    return (report.table, report.source, report.target, report.mode, report.status, report.started_at,
+            report.finished_at or dt.datetime.now(dt.UTC), report.rows_read, report.rows_inserted,
+            report.rows_updated, report.rows_deleted, report.bytes, report.duration_s, report.watermark_before,
+            report.watermark_after, report.validation.match, Jsonb(report.schema_changes), report.attempts,
+            report.error, Jsonb(json.loads(json.dumps(data))))
+
+
+def record_run(conn: psycopg.Connection, report: SyncReport) -> int:
+    """Append the run to `_copy_engine.sync_runs` and return its run_id.
+
+    Inside the data transaction, the row commits with the data or not at all.
+    """
     with conn.transaction():
-        conn.execute(
-            sql.SQL(
-                """insert into {} (table_name, source, target_table, mode, status, started_at, finished_at,
-                       rows_read, rows_inserted, rows_updated, rows_deleted, bytes, duration_s,
-                       watermark_before, watermark_after, validation_match, schema_changes, attempts, error,
-                       report)
-                   values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"""
-            ).format(sql.Identifier(STATE_SCHEMA, "sync_runs")),
-            (report.table, report.source, report.target, report.mode, report.status, report.started_at,
-             report.finished_at, report.rows_read, report.rows_inserted, report.rows_updated,
-             report.rows_deleted, report.bytes, report.duration_s, report.watermark_before,
-             report.watermark_after, report.validation.match, Jsonb(report.schema_changes), report.attempts,
-             report.error, Jsonb(json.loads(json.dumps(data)))),
-        )
+        row = conn.execute(
+            sql.SQL("insert into {} ({}) values ({}) returning run_id").format(
+                sql.Identifier(STATE_SCHEMA, "sync_runs"), sql.SQL(", ").join(map(sql.Identifier, _RUN_COLUMNS)),
+                sql.SQL(", ").join(sql.Placeholder() * len(_RUN_COLUMNS))),
+            _run_values(report)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def update_run(conn: psycopg.Connection, run_id: int, report: SyncReport) -> bool:
+    """Bring the run's row up to date (its end, status and validation); False when there is no such row
+    (its data transaction rolled back)."""
+    with conn.transaction():
+        cursor = conn.execute(
+            sql.SQL("update {} set ({}) = ({}) where run_id = %s").format(
+                sql.Identifier(STATE_SCHEMA, "sync_runs"), sql.SQL(", ").join(map(sql.Identifier, _RUN_COLUMNS)),
+                sql.SQL(", ").join(sql.Placeholder() * len(_RUN_COLUMNS))),
+            (*_run_values(report), run_id))
+    return cursor.rowcount > 0

@@ -45,7 +45,7 @@ from ._schema import (
     prepare_target,
     user_types,
 )
-from ._state import ensure_state_tables, read_watermark, record_run, write_state
+from ._state import ensure_state_tables, read_watermark, record_run, update_run, write_state
 from ._validate import RowSet, boundaries, bucket_expression, compare, key_checksum, range_sums
 
 logger = logging.getLogger(__name__)
@@ -718,6 +718,7 @@ def _attempt(source_dsn: str, target_dsn: str, table: TableConfig, report: SyncR
                 else:
                     _load_incremental(src, tgt, table, names, shape, plan, report, (source_dsn, target_dsn))
                 write_state(tgt, report, table.cursor_column)
+                record_committed(tgt, report)
             logger.info("%s: committed %d row(s) into %s", table.name, report.rows_read, names.target_text)
             if validate:
                 report.validation = _validate_in_snapshot(src, tgt, table, names, shape, plan)
@@ -733,11 +734,25 @@ def _reset_counts(report: SyncReport) -> None:
     report.validation = ValidationResult.skipped_result()
 
 
+def record_committed(tgt: psycopg.Connection, report: SyncReport) -> None:
+    """Write the run's audit row inside the data transaction, so that it commits with the data.
+
+    It says success so far; `_record` brings it up to date after the commit (validation, end time).
+    """
+    report.status = "success"
+    report.finished_at = dt.datetime.now(dt.UTC)
+    report.duration_s = round((report.finished_at - report.started_at).total_seconds(), 3)
+    if report.run_id is None or not update_run(tgt, report.run_id, report):
+        report.run_id = record_run(tgt, report)
+
+
 def _record(target_dsn: str, report: SyncReport) -> None:
+    """The run's final audit row: the committed row updated, or a new row for a run that committed nothing."""
     try:
         with psycopg.connect(target_dsn, connect_timeout=10, application_name="copy_engine") as conn:
             ensure_state_tables(conn)
-            record_run(conn, report)
+            if report.run_id is None or not update_run(conn, report.run_id, report):
+                report.run_id = record_run(conn, report)
     except (psycopg.Error, CopyEngineError) as error:
         logger.warning("%s: could not append the run to _copy_engine.sync_runs: %s", report.table,
                        (str(error).splitlines() or [""])[0])

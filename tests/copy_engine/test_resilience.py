@@ -167,3 +167,27 @@ def test_two_tables_loading_into_a_new_schema_at_once_both_succeed(pair):
         "left_t": 20000, "right_t": 20000}
     assert pair.scalar(pair.target, "select count(*) from fresh_schema.left_t") == 20000
     assert pair.scalar(pair.target, "select count(*) from fresh_schema.right_t") == 20000
+
+
+def test_the_audit_row_commits_with_the_data_and_is_completed_after_validation(pair, monkeypatch):
+    from include.copy_engine import _sync
+
+    pair.run(pair.source, "create table public.feed (id int primary key, v text, changed_at int)")
+    pair.run(pair.source, "insert into public.feed select i, 'v', i from generate_series(1, 10) i")
+    table = TableConfig(name="feed", source="public.feed", mode="incremental", cursor_column="changed_at")
+    runs = ("select run_id, status, rows_inserted, watermark_after, validation_match from _copy_engine.sync_runs "
+            "order by run_id")
+    # The process dies right after the data's commit: the final update of its audit row never happens.
+    monkeypatch.setattr(_sync, "_record", lambda target_dsn, report: None)
+    first = sync_table(pair.source, pair.target, table)
+    monkeypatch.undo()
+    assert pair.rows(pair.target, runs) == [(first.run_id, "success", 10, "10", None)]
+
+    pair.run(pair.source, "insert into public.feed values (11, 'v', 11)")
+    second = sync_table(pair.source, pair.target, table)
+
+    assert second.run_id > first.run_id
+    assert pair.rows(pair.target, runs) == [(first.run_id, "success", 10, "10", None),
+                                            (second.run_id, "success", 1, "11", True)]
+    assert pair.scalar(pair.target, f"select report->>'duration_s' from _copy_engine.sync_runs "
+                       f"where run_id = {second.run_id}") == str(second.duration_s)
