@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from importlib.metadata import version
 from pathlib import Path
@@ -92,3 +93,23 @@ def test_astro_project_layout_is_complete():
                  "README.md", "Makefile"):  # fmt: skip
         assert (ROOT / path).exists(), f"{path} is missing"
     assert yaml.safe_load((ROOT / ".astro" / "config.yaml").read_text())["project"]["name"]
+
+
+def test_the_dbt_docs_entry_names_the_dbt_project_in_the_image_and_the_local_stack(tmp_path):
+    """Cosmos serves the docs of the `[cosmos] dbt_docs_projects` entry whose key the docs task looks up
+    (include/dbt_config.py: the dbt project's name); a key spelled differently in one place serves nothing."""
+    from include.local_stack.airflow import airflow_environment
+    from include.local_stack.settings import StackSettings
+
+    project = yaml.safe_load((ROOT / "dbt" / "dbt_project.yml").read_text())["name"]
+    dbt_config = (ROOT / "include" / "dbt_config.py").read_text()
+    assert f'DBT_PROJECT_NAME = "{project}"' in dbt_config and "DBT_DOCS_PROJECT = DBT_PROJECT_NAME" in dbt_config
+    image = re.search(r"^ENV AIRFLOW__COSMOS__DBT_DOCS_PROJECTS='(.+)'$", (ROOT / "Dockerfile").read_text(), re.M)
+    assert image is not None
+    image_entry = json.loads(image.group(1))
+    local = StackSettings(data_dir=tmp_path / "data")
+    local_entry = json.loads(airflow_environment(local)["AIRFLOW__COSMOS__DBT_DOCS_PROJECTS"])
+    assert list(image_entry) == list(local_entry) == [project]
+    assert image_entry[project]["dir"] == "/usr/local/airflow/include/dbt_docs"  # inside the Astro project
+    assert local_entry[project]["dir"] == str(tmp_path / "data" / "dbt_docs")
+    assert image_entry[project]["name"] == local_entry[project]["name"]
