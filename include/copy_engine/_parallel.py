@@ -7,15 +7,16 @@ through two small tables in the warehouse's `_copy_engine` schema:
    incremental table that already has a watermark needs no ranges: its plan is empty and the
    finish step runs the normal sync.
 2. `hold_snapshot` takes the target's run lock, brings the target in line with the source,
-   creates the unlogged staging table, opens a `REPEATABLE READ READ ONLY` source transaction,
+   creates the staging table (a copy of the target when it can be swapped in, see `_swap`;
+   otherwise an unlogged table), opens a `REPEATABLE READ READ ONLY` source transaction,
    exports its snapshot (`pg_export_snapshot()`) and records the id. It keeps that transaction
    open, which is what keeps the snapshot importable, until the finish step has committed, a step
    gave up (`abandon_parallel_copy`) or its timeout passes.
 3. `copy_range` imports the snapshot (`SET TRANSACTION SNAPSHOT`) and COPYs its range into the
    staging table; deleting its range first and recording itself done in the same transaction
    makes a retry idempotent.
-4. `finish_parallel_copy` imports the snapshot too, and in one warehouse transaction replaces the
-   target's rows from the staging table, validates inside the snapshot, writes the sync state and
+4. `finish_parallel_copy` imports the snapshot too, and in one warehouse transaction swaps the
+   staging table in for the target (or inserts its rows into the target in place), validates inside the snapshot, writes the sync state and
    the `sync_runs` audit row, and marks the run finished, which releases the holder.
 
 `attempt_parallel` (what `sync_table` calls for `parallel: N`) runs the same four steps in
