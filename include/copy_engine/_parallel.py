@@ -16,8 +16,9 @@ through two small tables in the warehouse's `_copy_engine` schema:
    staging table; deleting its range first and recording itself done in the same transaction
    makes a retry idempotent.
 4. `finish_parallel_copy` imports the snapshot too, and in one warehouse transaction swaps the
-   staging table in for the target (or inserts its rows into the target in place), validates inside the snapshot, writes the sync state and
-   the `sync_runs` audit row, and marks the run finished, which releases the holder.
+   staging table in for the target (or inserts its rows into the target in place), validates
+   inside the snapshot, writes the sync state and the `sync_runs` audit row, and marks the run
+   finished, which releases the holder.
 
 `attempt_parallel` (what `sync_table` calls for `parallel: N`) runs the same four steps in
 threads of one process.
