@@ -209,7 +209,7 @@ def measure(admin_dsn: str, psql: str, args: argparse.Namespace) -> dict[str, ob
         execute(target, "truncate raw.bench_empty")
         return full(empty_table)
 
-    print("warm-up: the first full syncs create raw.bench and raw.bench_shuffled", file=sys.stderr)
+    print("warm-up: the first full syncs create the engine's target tables", file=sys.stderr)
     full(full_table)
     full(shuffled_table)
     full(parallel_table)

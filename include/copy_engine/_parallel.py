@@ -45,7 +45,7 @@ from ._connect import connect, raise_classified
 from ._errors import CopyEngineError, SourceError, TerminalError, TransientError, ValidationMismatchError
 from ._report import RangeDifference, SyncReport, ValidationResult
 from ._schema import Shape, TargetPlan, describe_source, ensure_types, prepare_target, relation_oid, user_types
-from ._state import STATE_SCHEMA, ensure_state_tables, read_watermark, record_run, write_state
+from ._state import STATE_SCHEMA, ensure_state_tables, read_watermark, save_run, write_state
 from ._swap import LIKE_TARGET, SwapRefusedError, swap_blockers, swap_in
 from ._validate import RowSet, boundaries
 
@@ -553,7 +553,7 @@ def _finish_into(source_dsn: str, target_dsn: str, table: TableConfig, run: Para
                 report.validation = _validate_in_snapshot(src, tgt, table, names, shape, target_plan)
             if audit:
                 _complete(report)
-                report.run_id = record_run(tgt, report)
+                save_run(tgt, report)
             else:
                 record_committed(tgt, report)  # sync_table brings the row up to date after the commit
             tgt.execute(sql.SQL("update {} set state = 'finished', ended_at = now(), report = %s "

@@ -129,6 +129,13 @@ def record_run(conn: psycopg.Connection, report: SyncReport) -> int:
     return int(row[0])
 
 
+def save_run(conn: psycopg.Connection, report: SyncReport) -> None:
+    """Bring the run's row up to date, or append it when it has none yet (its data transaction, if
+    any, rolled back); sets `report.run_id`."""
+    if report.run_id is None or not update_run(conn, report.run_id, report):
+        report.run_id = record_run(conn, report)
+
+
 def update_run(conn: psycopg.Connection, run_id: int, report: SyncReport) -> bool:
     """Bring the run's row up to date (its end, status and validation); False when there is no such row
     (its data transaction rolled back)."""

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from ._schema import relation_oid
+
 logger = logging.getLogger(__name__)
 
 # What CREATE TABLE ... (LIKE) copies, but indexes (the key is built after the load), identity columns
@@ -136,7 +138,9 @@ def swap_in(conn: psycopg.Connection, *, loaded: tuple[str, str], loaded_key: st
     timeouts, deadlocks and lost connections are raised as they are (the run retries them).
     """
     target = sql.Identifier(schema, relation)
-    oid = _oid(conn, schema, relation)
+    oid = relation_oid(conn, schema, relation)
+    if oid is None:
+        raise SwapRefusedError(f"{schema}.{relation} does not exist")
     # Readers of a view lock the view, then the table: take the locks in that order, or a reader
     # waiting for the table while holding its view would deadlock with the swap.
     views = _views(conn, oid)
@@ -158,14 +162,6 @@ def swap_in(conn: psycopg.Connection, *, loaded: tuple[str, str], loaded_key: st
     logger.info("%s: swapped the loaded table in for %s.%s (%d view(s) redefined on it)", table, schema, relation,
                 len(views))
     return old_rows
-
-
-def _oid(conn: psycopg.Connection, schema: str, relation: str) -> int:
-    row = conn.execute("select c.oid from pg_class as c join pg_namespace as n on n.oid = c.relnamespace "
-                       "where n.nspname = %s and c.relname = %s", (schema, relation)).fetchone()
-    if row is None:
-        raise SwapRefusedError(f"{schema}.{relation} does not exist")
-    return int(row[0])
 
 
 def _views(conn: psycopg.Connection, oid: int) -> list[_View]:
@@ -233,11 +229,10 @@ def _copy_grants(conn: psycopg.Connection, old: sql.Identifier, new: sql.Identif
            "order by 1, 2, 3, 4")
     old_name, new_name = old.as_string(conn), new.as_string(conn)
     wanted = conn.execute(acl, (old_name,)).fetchall()
-    if conn.execute(acl, (new_name,)).fetchall() == wanted:
+    current = conn.execute(acl, (new_name,)).fetchall()
+    if current == wanted:
         return
-    for (grantee,) in conn.execute("select distinct grantee from pg_class as c, "
-                                   "aclexplode(coalesce(c.relacl, acldefault('r', c.relowner))) "
-                                   "where c.oid = %s::regclass", (new_name,)).fetchall():
+    for grantee in sorted({grantee for _grantor, grantee, _privilege, _grantable in current}):
         conn.execute(sql.SQL("revoke all on table {} from {}").format(new, _role(conn, grantee)))
     for _grantor, grantee, privilege, grantable in wanted:
         if privilege not in _PRIVILEGES:

@@ -45,7 +45,7 @@ from ._schema import (
     prepare_target,
     user_types,
 )
-from ._state import ensure_state_tables, read_watermark, record_run, update_run, write_state
+from ._state import ensure_state_tables, read_watermark, save_run, write_state
 from ._validate import RowSet, boundaries, bucket_expression, compare, key_checksum, range_sums
 
 logger = logging.getLogger(__name__)
@@ -742,8 +742,7 @@ def record_committed(tgt: psycopg.Connection, report: SyncReport) -> None:
     report.status = "success"
     report.finished_at = dt.datetime.now(dt.UTC)
     report.duration_s = round((report.finished_at - report.started_at).total_seconds(), 3)
-    if report.run_id is None or not update_run(tgt, report.run_id, report):
-        report.run_id = record_run(tgt, report)
+    save_run(tgt, report)
 
 
 def _record(target_dsn: str, report: SyncReport) -> None:
@@ -751,8 +750,7 @@ def _record(target_dsn: str, report: SyncReport) -> None:
     try:
         with psycopg.connect(target_dsn, connect_timeout=10, application_name="copy_engine") as conn:
             ensure_state_tables(conn)
-            if report.run_id is None or not update_run(conn, report.run_id, report):
-                report.run_id = record_run(conn, report)
+            save_run(conn, report)
     except (psycopg.Error, CopyEngineError) as error:
         logger.warning("%s: could not append the run to _copy_engine.sync_runs: %s", report.table,
                        (str(error).splitlines() or [""])[0])
