@@ -347,7 +347,7 @@ def hold_snapshot(source_dsn: str, target_dsn: str, table: TableConfig, plan: Pa
                     types = user_types(src, shape.columns, table=table.name)
                 target_schema, target_relation = table.target_schema_table
                 with tgt.transaction():
-                    changes = ensure_types(tgt, types)
+                    changes = ensure_types(tgt, types, table=table.name)
                     target_plan = prepare_target(tgt, shape, table=table.name, schema_name=target_schema,
                                                  relation=target_relation,
                                                  soft_delete=table.delete_detection == "soft", need_key=True)
@@ -478,6 +478,7 @@ def copy_range(source_dsn: str, target_dsn: str, table: TableConfig, plan: Paral
             state = _wait_for_snapshot(tgt, table, run, wait_s=wait_s, poll_s=poll_s)
             columns = list(state["columns"])
             with connect(source_dsn, role="source", table=table.name) as src:
+                shape = _describe(src, table)  # which columns COPY reads through a cast
                 _import_snapshot(src, table, run, state)
                 conditions, params = key_range.condition(run.key_column, run.key_type)
                 stage = _stage_name(table)
@@ -487,8 +488,8 @@ def copy_range(source_dsn: str, target_dsn: str, table: TableConfig, plan: Paral
                         raise _released(table, run, current)
                     where = sql.SQL(" and ").join(conditions) if conditions else sql.SQL("true")
                     tgt.execute(sql.SQL("delete from {} where {}").format(stage, where), params)
-                    rows, size = _stream(src, _Names(table).copy_source(columns, *conditions), params, tgt, stage,
-                                         columns, binary=bool(state["binary_copy"]),
+                    source = _Names(table).copy_source(columns, *conditions, shape=shape)
+                    rows, size = _stream(src, source, params, tgt, stage, columns, binary=bool(state["binary_copy"]),
                                          progress=f"{table.name} range {index + 1}")
                     tgt.execute(
                         sql.SQL("insert into {} (run_key, range_index, rows, bytes) values (%s, %s, %s, %s) "

@@ -21,13 +21,10 @@ logger = logging.getLogger(__name__)
 SOFT_DELETE_COLUMN = "_deleted_at"
 
 _COLUMNS_SQL = """
-select a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid::int, a.attnotnull,
-       coalesce(base.typtype::text, t.typtype::text), coalesce(base_ns.nspname, ns.nspname), t.typcategory::text
+select a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid::int, a.attnotnull, a.attgenerated::text,
+       coalesce(coll.collisdeterministic, true)
 from pg_attribute as a
-join pg_type as t on t.oid = a.atttypid
-join pg_namespace as ns on ns.oid = t.typnamespace
-left join pg_type as base on t.typcategory = 'A' and base.oid = t.typelem
-left join pg_namespace as base_ns on base_ns.oid = base.typnamespace
+left join pg_collation as coll on coll.oid = a.attcollation
 where a.attrelid = %s and a.attnum > 0 and not a.attisdropped
 order by a.attnum
 """
@@ -46,9 +43,44 @@ where i.indrelid = %s and i.indisprimary
 order by k.position
 """
 
+_TYPE_FACTS_SQL = """
+select t.typtype::text, n.nspname, t.typname, t.typelem::int, t.typbasetype::int,
+       coalesce(r.rngsubtype, mr.rngsubtype, 0)::int, t.typsend::oid <> 0 and t.typreceive::oid <> 0,
+       t.typsubscript = 'pg_catalog.array_subscript_handler'::regproc,
+       exists (select from pg_opclass as oc join pg_am as am on am.oid = oc.opcmethod
+               where am.amname = 'hash' and oc.opcdefault and oc.opcintype = t.oid)
+from pg_type as t
+join pg_namespace as n on n.oid = t.typnamespace
+left join pg_range as r on r.rngtypid = t.oid
+left join pg_range as mr on mr.rngmultitypid = t.oid
+where t.oid = %s
+"""
 
+# Built-in types PostgreSQL stores but cannot read back (their input functions always refuse).
+_NO_INPUT = frozenset({"pg_node_tree", "pg_ndistinct", "pg_dependencies", "pg_mcv_list", "pg_brin_bloom_summary",
+                       "pg_brin_minmax_multi_summary", "gtsvector"})
 # Types whose binary input rejects values their binary output produces (an empty tsquery).
-_TEXT_ONLY = frozenset({"tsquery"})
+_BINARY_REJECTS = frozenset({"tsquery"})
+# Object-identifier types: binary COPY carries the oid, text COPY the name the target resolves again.
+_OBJECT_NAMES = frozenset({"regproc", "regprocedure", "regoper", "regoperator", "regclass", "regtype", "regrole",
+                           "regnamespace", "regconfig", "regdictionary", "regcollation"})
+# Built-in types whose default hash tells apart every two values whose text differs. Others (numeric
+# 1.0 and 1.00, float 0 and -0, interval '1 day' and '24:00:00', char 'a' and 'a ', jsonb, enums, citext)
+# are hashed as text.
+_EXACT_HASH = frozenset({"int2", "int4", "int8", "oid", "bool", "text", "varchar", "name", "char", "uuid",
+                         "bytea", "date", "timestamp", "timestamptz", "time", "timetz", "inet", "cidr", "macaddr",
+                         "macaddr8", "bit", "varbit", "pg_lsn", "xid8"})
+
+
+@dataclass(frozen=True)
+class TypeFacts:
+    """How values of one column type travel and are compared; see `type_facts`."""
+
+    text_reason: str | None = None  # why binary COPY cannot carry it exactly (None: it can)
+    read_cast: str | None = None  # COPY reads `column::<read_cast>`: the output function drops stored content
+    hash: str = "text"  # validation hashes it "native"ly, as "numeric" (value and scale) or as "text"
+    refusal: str | None = None  # why no copy can carry it at all
+    padded: bool = False  # bpchar: its cast to text drops trailing spaces that its output keeps
 
 
 @dataclass(frozen=True)
@@ -57,12 +89,17 @@ class Column:
     type_sql: str
     type_oid: int
     not_null: bool
-    # Binary COPY carries type OIDs inside arrays and composites, which differ between databases.
-    binary_safe: bool
+    facts: TypeFacts = TypeFacts()
+    generated: str = ""  # "s" stored, "v" virtual: the target holds the values in a plain column
+    deterministic: bool = True  # its collation compares bytes (a nondeterministic one hashes 'A' as 'a')
 
     @property
-    def user_defined(self) -> bool:
-        return not self.binary_safe
+    def binary_safe(self) -> bool:
+        return self.facts.text_reason is None
+
+    @property
+    def hash_mode(self) -> str:
+        return self.facts.hash if self.deterministic else "text"
 
 
 @dataclass(frozen=True)
@@ -71,6 +108,8 @@ class Shape:
 
     columns: list[Column]
     primary_key: tuple[str, ...]
+    # Why `COPY table TO` cannot read the source and a `COPY (select …) TO` does (None: it can).
+    read_reason: str | None = None
 
     @property
     def names(self) -> list[str]:
@@ -78,6 +117,31 @@ class Shape:
 
     def column(self, name: str) -> Column | None:
         return next((column for column in self.columns if column.name == name), None)
+
+    def text_columns(self) -> list[str]:
+        """`name (type: reason)` of each column binary COPY cannot carry exactly."""
+        return [f"{c.name} ({c.type_sql}: {c.facts.text_reason})" for c in self.columns if not c.binary_safe]
+
+    def as_text(self, name: str, prefix: str | None = None) -> sql.Composable:
+        """The column's stored value as text, compared byte by byte: equal exactly when the values are."""
+        column = self.column(name)
+        identifier = sql.Identifier(prefix, name) if prefix else sql.Identifier(name)
+        if column is not None and column.facts.read_cast:
+            identifier = sql.SQL("{}::{}").format(identifier, sql.SQL(column.facts.read_cast))
+        elif column is not None and column.facts.padded:
+            identifier = sql.SQL("pg_catalog.textin(pg_catalog.bpcharout({}))").format(identifier)
+        return sql.SQL('({}::text collate pg_catalog."C")').format(identifier)
+
+    def read_list(self, columns: list[str]) -> sql.Composable:
+        """The select list a COPY reads: a column whose output loses stored content is read through its cast."""
+        items: list[sql.Composable] = []
+        for name in columns:
+            column = self.column(name)
+            if column is not None and column.facts.read_cast:
+                items.append(sql.SQL("{0}::{1} as {0}").format(sql.Identifier(name), sql.SQL(column.facts.read_cast)))
+            else:
+                items.append(sql.Identifier(name))
+        return sql.SQL(", ").join(items)
 
 
 @dataclass
@@ -103,16 +167,82 @@ def relation_oid(conn: psycopg.Connection, schema: str, name: str) -> int | None
     return found[0] if found else None
 
 
+def type_facts(conn: psycopg.Connection, oid: int, cache: dict[int, TypeFacts] | None = None) -> TypeFacts:
+    """How a type's values travel: through domains to their base, arrays to their element, ranges to
+    their subtype."""
+    cache = {} if cache is None else cache
+    if oid in cache:
+        return cache[oid]
+    row = conn.execute(_TYPE_FACTS_SQL, (oid,)).fetchone()
+    assert row is not None, f"type {oid} is not in pg_type"
+    typtype, nsp, name, element, base, subtype, has_binary_io, is_array, has_hash = row
+    builtin = nsp == "pg_catalog"
+    facts: TypeFacts
+    if typtype == "d":
+        facts = type_facts(conn, base, cache)
+    elif is_array and element:
+        inner = type_facts(conn, element, cache)
+        element_builtin = conn.execute("select typnamespace = 'pg_catalog'::regnamespace and typtype = 'b' "
+                                       "from pg_type where oid = %s", (element,)).fetchone()
+        reason = inner.text_reason
+        if reason is None and not (element_builtin and element_builtin[0]):
+            reason = "binary arrays carry their element type's oid, which differs between databases"
+        facts = TypeFacts(reason, f"{inner.read_cast}[]" if inner.read_cast else None,
+                          "native" if inner.hash == "native" else "text", inner.refusal)
+    elif typtype == "c":
+        facts = TypeFacts("binary composites carry their attributes' type oids, which differ between databases")
+    elif typtype == "e":
+        facts = TypeFacts()  # binary enums are their labels; hashed as text (their hash is of the oid)
+    elif typtype in ("r", "m"):
+        inner = type_facts(conn, subtype, cache)
+        facts = TypeFacts(inner.text_reason, None, "native" if inner.hash == "native" else "text", inner.refusal)
+    elif not builtin:
+        facts = TypeFacts("an extension type (its binary form is the extension's own)")
+    elif name in _NO_INPUT:
+        facts = TypeFacts("PostgreSQL cannot read this type back", refusal="PostgreSQL has no input for this type")
+    elif name == "xml":
+        facts = TypeFacts("its output drops a default XML declaration: read as text", read_cast="text")
+    elif name in _OBJECT_NAMES:
+        facts = TypeFacts("binary COPY carries the object's oid, text COPY its name")
+    elif not has_binary_io:
+        facts = TypeFacts("the type has no binary send/receive functions")
+    elif name in _BINARY_REJECTS:
+        facts = TypeFacts("its binary input rejects values its binary output produces (an empty tsquery)")
+    elif name == "bpchar":
+        facts = TypeFacts(padded=True)
+    elif name == "numeric":
+        facts = TypeFacts(hash="numeric")
+    else:
+        facts = TypeFacts(hash="native" if name in _EXACT_HASH and has_hash else "text")
+    cache[oid] = facts
+    return facts
+
+
 def _read_columns(conn: psycopg.Connection, oid: int) -> list[Column]:
     conn.execute("select set_config('search_path', '', true)")
     rows = conn.execute(_COLUMNS_SQL, (oid,)).fetchall()
-    columns = []
-    for name, type_sql, type_oid, not_null, typtype, nspname, category in rows:
-        builtin = nspname == "pg_catalog"
-        scalar_user = typtype in ("e", "d") and category != "A"
-        binary_safe = ((builtin and typtype != "c") or scalar_user) and type_sql.removesuffix("[]") not in _TEXT_ONLY
-        columns.append(Column(name, type_sql, type_oid, bool(not_null), binary_safe))
-    return columns
+    cache: dict[int, TypeFacts] = {}
+    return [Column(name, type_sql, type_oid, bool(not_null), type_facts(conn, type_oid, cache), generated or "",
+                   bool(deterministic))
+            for name, type_sql, type_oid, not_null, generated, deterministic in rows]
+
+
+def _read_reason(conn: psycopg.Connection, oid: int, kind: str, columns: list[Column]) -> str | None:
+    """Why the plain `COPY table TO` cannot read this table (None: it can)."""
+    if kind == "p":
+        return "a partitioned table (COPY reads its partitions through a select)"
+    if kind != "r":
+        return "not a plain table"
+    children = conn.execute("select exists (select from pg_inherits where inhparent = %s)", (oid,)).fetchone()
+    if children and children[0]:
+        return "it has inheritance children (a select reads their rows too)"
+    generated = [c.name for c in columns if c.generated]
+    if generated:
+        return f"generated column(s) {', '.join(generated)} (COPY TO cannot name them)"
+    cast = [c.name for c in columns if c.facts.read_cast]
+    if cast:
+        return f"column(s) {', '.join(cast)} are read through a cast"
+    return None
 
 
 def read_primary_key(conn: psycopg.Connection, oid: int) -> tuple[str, ...]:
@@ -131,15 +261,18 @@ def describe_source(
 ) -> Shape:
     """The source's columns and key, read in a short transaction that is rolled back."""
     with conn.transaction(force_rollback=True):
-        oid = relation_oid(conn, schema_name, relation)
+        found = find_relation(conn, schema_name, relation)
+        oid = found[0] if found else None
         if select is None and oid is None:
             raise SourceError(
                 f"source table {schema_name}.{relation} does not exist; check `source` in the configuration",
                 table=table,
             )
+        read_reason: str | None = "a custom select or where"
         if select is None and where is None:
-            assert oid is not None
+            assert oid is not None and found is not None
             columns = _read_columns(conn, oid)
+            read_reason = _read_reason(conn, oid, found[1], columns)
         else:
             base = sql.SQL("({})").format(select) if select is not None else sql.Identifier(schema_name, relation)
             query = sql.SQL("select * from {} as _source").format(base)
@@ -159,6 +292,13 @@ def describe_source(
             assert view_oid is not None
             columns = _read_columns(conn, int(view_oid[0]))
         key = primary_key or (read_primary_key(conn, oid) if oid is not None else ())
+    for column in columns:
+        if column.facts.refusal:
+            raise SourceError(
+                f"column {column.name} is of type {column.type_sql}: {column.facts.refusal}, so no copy can "
+                "write it into the target; leave the column out with a custom select",
+                table=table,
+            )
     names = {column.name for column in columns}
     missing = [name for name in key if name not in names]
     if missing:
@@ -167,7 +307,7 @@ def describe_source(
             f"({', '.join(sorted(names))}); fix primary_key or the custom select",
             table=table,
         )
-    return Shape(columns=columns, primary_key=tuple(key))
+    return Shape(columns=columns, primary_key=tuple(key), read_reason=read_reason)
 
 
 # --- user-defined types -------------------------------------------------------------------------
@@ -191,6 +331,7 @@ class UserType:
     kind: str
     definition: sql.Composed | sql.SQL
     enum_labels: tuple[str, ...] = ()
+    extension: str | None = None  # the extension a base type comes from: the target must have it
 
 
 def user_types(conn: psycopg.Connection, columns: list[Column], *, table: str) -> list[UserType]:
@@ -238,12 +379,16 @@ def user_types(conn: psycopg.Connection, columns: list[Column], *, table: str) -
             definition = sql.SQL("create type {} as ({})").format(qualified, sql.SQL(", ").join(
                 sql.SQL("{} {}").format(sql.Identifier(a.name), sql.SQL(a.type_sql)) for a in attributes))
             ordered.append(UserType(oid, nsp, name, "composite", definition))
+        elif typtype == "m":
+            ranges = conn.execute("select rngtypid::int from pg_range where rngmultitypid = %s", (oid,)).fetchone()
+            assert ranges is not None
+            visit(int(ranges[0]))  # a range type brings its multirange type with it
         else:
-            raise SchemaConflictError(
-                f"column type {nsp}.{name} comes from an extension; install that extension in the target "
-                "database first",
-                table=table,
-            )
+            extension = conn.execute(
+                "select e.extname from pg_depend as d join pg_extension as e on e.oid = d.refobjid "
+                "where d.classid = 'pg_type'::regclass and d.objid = %s and d.deptype = 'e'", (oid,)).fetchone()
+            ordered.append(UserType(oid, nsp, name, "extension", sql.SQL(""),
+                                    extension=str(extension[0]) if extension else None))
 
     conn.execute("select set_config('search_path', '', true)")
     for column in columns:
@@ -267,14 +412,23 @@ def create_schema_if_missing(conn: psycopg.Connection, name: str) -> None:
         logger.info("schema %s was created by a concurrent run", name)
 
 
-def ensure_types(conn: psycopg.Connection, types: list[UserType]) -> list[str]:
+def ensure_types(conn: psycopg.Connection, types: list[UserType], *, table: str | None = None) -> list[str]:
     """Create missing types in the target; add enum labels the target lacks. Returns the changes."""
     changes: list[str] = []
     for user_type in types:
-        create_schema_if_missing(conn, user_type.schema)
+        if user_type.kind != "extension":
+            create_schema_if_missing(conn, user_type.schema)
         exists = conn.execute(
             "select t.oid::int from pg_type as t join pg_namespace as n on n.oid = t.typnamespace "
             "where n.nspname = %s and t.typname = %s", (user_type.schema, user_type.name)).fetchone()
+        if exists is None and user_type.kind == "extension":
+            origin = f"extension {user_type.extension}" if user_type.extension else "an extension"
+            raise SchemaConflictError(
+                f"column type {user_type.schema}.{user_type.name} comes from {origin}, which the target database "
+                f"lacks; install it there first (create extension {user_type.extension or '…'} schema "
+                f"{user_type.schema})",
+                table=table,
+            )
         if exists is None:
             conn.execute(user_type.definition)
             changes.append(f"created {user_type.kind} type {user_type.schema}.{user_type.name}")
@@ -353,14 +507,23 @@ def prepare_target(
         conn.execute(sql.SQL("create table {} ({})").format(target, sql.SQL(", ").join(definitions)))
         changes.append(f"created table {schema_name}.{relation}")
         logger.info("%s: created target table %s.%s", table, schema_name, relation)
+        _log_copy_format(table, shape, [])
         return TargetPlan(shape.names, [SOFT_DELETE_COLUMN] if soft_delete else [],
                           all(c.binary_safe for c in shape.columns), changes, existed=False)
 
     oid, kind = found
     existing = {column.name: column for column in _read_columns(conn, oid)}
     binary = True
+    widened: list[str] = []
     for column in shape.columns:
         current = existing.get(column.name)
+        if current is not None and current.generated:
+            raise SchemaConflictError(
+                f"column {column.name} of the target {schema_name}.{relation} is a generated column, which no "
+                "COPY can write; make it a plain column (alter table … alter column … drop expression) or drop "
+                "the target table to reload it",
+                table=table,
+            )
         if current is None:
             conn.execute(sql.SQL("alter table {} add column {} {}").format(
                 target, sql.Identifier(column.name), sql.SQL(column.type_sql)))
@@ -368,6 +531,7 @@ def prepare_target(
         elif current.type_sql != column.type_sql:
             if is_safe_widening(column.type_sql, current.type_sql):
                 binary = False  # the target is already wider: text COPY converts
+                widened.append(f"{column.name} ({current.type_sql} in the target, {column.type_sql} in the source)")
             elif is_safe_widening(current.type_sql, column.type_sql):
                 conn.execute(sql.SQL("alter table {} alter column {} type {}").format(
                     target, sql.Identifier(column.name), sql.SQL(column.type_sql)))
@@ -415,4 +579,14 @@ def prepare_target(
             "the source has no primary key; set primary_key in the configuration", table=table)
     for change in changes:
         logger.info("%s: schema change: %s", table, change)
+    _log_copy_format(table, shape, widened)
     return TargetPlan(shape.names, extra, binary, changes, existed=True, ordinary_table=kind == "r")
+
+
+def _log_copy_format(table: str, shape: Shape, widened: list[str]) -> None:
+    """Say which columns make the COPY go as text, and why."""
+    reasons = shape.text_columns() + [f"{item}: text COPY converts" for item in widened]
+    if reasons:
+        logger.info("%s: COPY in text format; binary cannot carry column(s) %s", table, "; ".join(reasons))
+    if shape.read_reason:
+        logger.info("%s: COPY reads the source through a select: %s", table, shape.read_reason)

@@ -96,20 +96,21 @@ class _Names:
     def where(self) -> sql.Composable | None:
         return user_sql(self.table.where) if self.table.where else None
 
-    def copy_source(self, columns: list[str], *extra: sql.Composable) -> sql.Composable:
-        """What `COPY … TO STDOUT` reads: the plain `table (columns)` form when nothing filters it."""
-        if not extra and not self.table.where and not self.table.select:
+    def copy_source(self, columns: list[str], *extra: sql.Composable, shape: Shape | None = None) -> sql.Composable:
+        """What `COPY … TO STDOUT` reads: the plain `table (columns)` form when nothing filters it and the
+        source's shape allows it (see `Shape.read_reason`)."""
+        if not extra and not self.table.where and not self.table.select and (shape is None or not shape.read_reason):
             return _TableColumns(self.base(), columns)
-        return self.source_rows(columns, *extra)
+        return self.source_rows(columns, *extra, shape=shape)
 
-    def source_rows(self, columns: list[str], *extra: sql.Composable) -> sql.Composable:
+    def source_rows(self, columns: list[str], *extra: sql.Composable, shape: Shape | None = None) -> sql.Composable:
         """`select <columns> from <source or custom select> where <custom where> and <extra>`."""
         conditions: list[sql.Composable] = []
         if self.table.where:
             conditions.append(sql.SQL("({})").format(user_sql(self.table.where)))
         conditions.extend(extra)
         query = sql.SQL("select {} from {} as _source").format(
-            sql.SQL(", ").join(sql.Identifier(c) for c in columns), self.base())
+            shape.read_list(columns) if shape else sql.SQL(", ").join(sql.Identifier(c) for c in columns), self.base())
         if conditions:
             query = sql.SQL("{} where {}").format(query, sql.SQL(" and ").join(conditions))
         return query
@@ -315,7 +316,7 @@ def _load_full(src: psycopg.Connection, tgt: psycopg.Connection, table: TableCon
     # pages all-visible, so the first reader sets no hint bits, vacuum need not freeze them, and the
     # next full sync counts the old rows from the key index. Like TRUNCATE, it lets a transaction whose
     # snapshot is older than the commit see the new rows; readers still never see a partial table.
-    rows, size = _stream(src, names.copy_source(plan.columns), {}, tgt, target, plan.columns,
+    rows, size = _stream(src, names.copy_source(plan.columns, shape=shape), {}, tgt, target, plan.columns,
                          binary=plan.binary, progress=table.name, freeze=plan.ordinary_table)
     if key_constraint:
         add_primary_key(tgt, target, key_constraint, shape, table)
@@ -440,7 +441,8 @@ def _copy_changes(src: psycopg.Connection, tgt: psycopg.Connection, table: Table
     tgt.execute(sql.SQL("create temporary table {} on commit drop as select {} from {} with no data").format(
         stage, _column_list(plan.columns), target))
     conditions, params = _cursor_filter(shape, table, report.watermark_before)
-    rows, size = _stream(src, names.copy_source(plan.columns, *conditions), params, tgt, stage, plan.columns,
+    rows, size = _stream(src, names.copy_source(plan.columns, *conditions, shape=shape), params, tgt, stage,
+                         plan.columns,
                          binary=plan.binary, progress=table.name)
     report.rows_read, report.bytes = rows, size
     cursor_type = sql.SQL(shape.column(table.cursor_column).type_sql)  # type: ignore[union-attr]
@@ -462,7 +464,7 @@ def _upsert(tgt: psycopg.Connection, names: _Names, shape: Shape, plan: TargetPl
     setters += [sql.SQL("{} = null").format(sql.Identifier(c)) for c in reset]
     # Text comparison: exact for every type (also -0 vs 0, 1.0 vs 1.00) and works for json and xml,
     # which have no equality operator.
-    changed = [sql.SQL("(t.{0}::text is distinct from excluded.{0}::text)").format(sql.Identifier(c))
+    changed = [sql.SQL("({} is distinct from {})").format(shape.as_text(c, "t"), shape.as_text(c, "excluded"))
                for c in values]
     changed += [sql.SQL("t.{} is not null").format(sql.Identifier(c)) for c in reset]
     if setters:
@@ -702,7 +704,7 @@ def _attempt(source_dsn: str, target_dsn: str, table: TableConfig, report: SyncR
             with src.transaction(force_rollback=True):
                 types = user_types(src, shape.columns, table=table.name)
             with tgt.transaction():
-                report.schema_changes.extend(ensure_types(tgt, types))
+                report.schema_changes.extend(ensure_types(tgt, types, table=table.name))
             _open_snapshot(src)
             target_schema, target_relation = table.target_schema_table
             with tgt.transaction():
