@@ -9,6 +9,7 @@ See docs/copy_engine.md for the modes, the configuration format and the report.
 
 from __future__ import annotations
 
+from ._api import finish_parallel_copy, sync_table, validate_table
 from ._config import EngineConfig, TableConfig, load_config, parse_config
 from ._connect import mask_dsn
 from ._errors import (
@@ -19,22 +20,14 @@ from ._errors import (
     CopyEngineError,
     MissingPrimaryKeyError,
     SchemaConflictError,
+    SnapshotReleasedError,
     SourceError,
     TerminalError,
     TransientError,
     ValidationMismatchError,
 )
-from ._parallel import (
-    ParallelPlan,
-    SnapshotReleasedError,
-    abandon_parallel_copy,
-    copy_range,
-    finish_parallel_copy,
-    hold_snapshot,
-    plan_parallel_copy,
-)
+from ._parallel import ParallelPlan, abandon_parallel_copy, copy_range, hold_snapshot, plan_parallel_copy
 from ._report import RangeDifference, SyncReport, ValidationResult
-from ._sync import sync_table, validate_table
 
 __all__ = [
     "ConcurrentRunError",

@@ -11,10 +11,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ._api import sync_table, validate_table
 from ._config import TableConfig, load_config
 from ._errors import ConfigError, CopyEngineError
 from ._report import SyncReport
-from ._sync import sync_table, validate_table
 
 logger = logging.getLogger(__name__)
 

@@ -75,7 +75,6 @@ class TableConfig:
     where: str | None = None
     count_query: str | None = None
     validate: bool = True
-    large: bool = False
     parallel: int = 1
     retries: int = 3
     retry_backoff_s: float = 1.0
@@ -111,11 +110,9 @@ class TableConfig:
                 "mode incremental needs cursor_column (the column such as updated_at that grows on change)",
                 table=self.name,
             )
-        if self.parallel < 1:
-            raise ConfigError("parallel must be at least 1", table=self.name)
-        if self.large and self.parallel == 1:
-            # `large: true` is the older spelling of `parallel: 2`; `parallel: N` says how many ranges.
-            object.__setattr__(self, "parallel", 2)
+        if isinstance(self.parallel, bool) or not isinstance(self.parallel, int) or self.parallel < 1:
+            raise ConfigError(f"parallel must be a whole number of key ranges, at least 1 (such as parallel: 4), "
+                              f"not {self.parallel!r}", table=self.name)
         # An incremental table with `parallel` splits only its full copies (the first load).
         if self.retries < 0 or self.validation_ranges < 1:
             raise ConfigError("retries must be >= 0 and validation_ranges >= 1", table=self.name)
@@ -135,8 +132,6 @@ class TableConfig:
     def from_mapping(cls, raw: Mapping[str, Any], *, defaults: Mapping[str, Any] | None = None) -> TableConfig:
         known = {item.name for item in fields(cls)}
         merged = {**(defaults or {}), **raw}
-        if "parallel" in merged and isinstance(merged["parallel"], Mapping):
-            merged["parallel"] = merged["parallel"].get("workers", 1)
         unknown = sorted(set(merged) - known)
         name = str(merged.get("name") or merged.get("source") or "?")
         if unknown:

@@ -62,6 +62,20 @@ class ConcurrentRunError(TransientError):
         self.waited_s = waited_s
 
 
+class SnapshotReleasedError(TerminalError):
+    """A range or finish step of a parallel copy found its snapshot no longer held.
+
+    The ranges must all read one snapshot, so the copy has to start again from a new plan.
+    """
+
+
+class SwapRefusedError(CopyEngineError):
+    """The catalog refused part of a swap; the caller rolls the swap back and writes in place.
+
+    Raised and caught inside the engine: it never reaches a caller of the public API.
+    """
+
+
 class ValidationMismatchError(TerminalError):
     """The sync finished but the target's rows differ from the source's."""
 

@@ -17,6 +17,11 @@ logger = logging.getLogger(__name__)
 
 STATE_SCHEMA = "_copy_engine"
 
+SYNC_STATE = sql.Identifier(STATE_SCHEMA, "sync_state")
+SYNC_RUNS = sql.Identifier(STATE_SCHEMA, "sync_runs")
+PARALLEL_RUNS = sql.Identifier(STATE_SCHEMA, "parallel_runs")
+PARALLEL_RANGES = sql.Identifier(STATE_SCHEMA, "parallel_ranges")
+
 _CREATE = [
     sql.SQL("create schema if not exists {}").format(sql.Identifier(STATE_SCHEMA)),
     sql.SQL(
@@ -30,7 +35,7 @@ _CREATE = [
             last_rows_read bigint not null default 0,
             synced_at timestamptz not null default now()
         )"""
-    ).format(sql.Identifier(STATE_SCHEMA, "sync_state")),
+    ).format(SYNC_STATE),
     sql.SQL(
         """create table if not exists {} (
             run_id bigint generated always as identity primary key,
@@ -55,19 +60,54 @@ _CREATE = [
             error text,
             report jsonb not null
         )"""
-    ).format(sql.Identifier(STATE_SCHEMA, "sync_runs")),
+    ).format(SYNC_RUNS),
+    # A parallel copy's plan and the key ranges it has copied (see _parallel).
+    sql.SQL(
+        """create table if not exists {} (
+            run_key text primary key,
+            table_name text not null,
+            target_table text not null,
+            parts integer not null,
+            state text not null default 'planned'
+                check (state in ('planned', 'held', 'finished', 'abandoned', 'closed')),
+            snapshot text,
+            columns jsonb,
+            binary_copy boolean,
+            schema_changes jsonb not null default '[]',
+            reason text,
+            planned_at timestamptz not null default now(),
+            held_at timestamptz,
+            ended_at timestamptz,
+            report jsonb
+        )"""
+    ).format(PARALLEL_RUNS),
+    sql.SQL(
+        """create table if not exists {} (
+            run_key text not null references {} on delete cascade,
+            range_index integer not null,
+            rows bigint not null,
+            bytes bigint not null,
+            done_at timestamptz not null default now(),
+            primary key (run_key, range_index)
+        )"""
+    ).format(PARALLEL_RANGES, PARALLEL_RUNS),
+    sql.SQL("alter table {} add column if not exists report jsonb").format(PARALLEL_RUNS),
 ]
 
 # Serialises the `create ... if not exists` of concurrent first runs, which can otherwise collide.
 _SETUP_LOCK_KEY = "copy_engine:setup"
+_ALL_PRESENT = """
+select to_regclass('_copy_engine.sync_runs') is not null and to_regclass('_copy_engine.sync_state') is not null
+   and exists (select from pg_attribute
+               where attrelid = to_regclass('_copy_engine.parallel_runs') and attname = 'report')
+   and to_regclass('_copy_engine.parallel_ranges') is not null
+"""
 
 
 def ensure_state_tables(conn: psycopg.Connection) -> None:
     """Create the state schema and tables if missing, in a committed transaction of their own."""
     with conn.transaction():
-        exists = conn.execute(
-            "select to_regclass('_copy_engine.sync_runs') is not null and "
-            "to_regclass('_copy_engine.sync_state') is not null").fetchone()
+        exists = conn.execute(_ALL_PRESENT).fetchone()
         if exists and exists[0]:
             return
         conn.execute("select pg_advisory_xact_lock(hashtextextended(%s, 0))", (_SETUP_LOCK_KEY,))
@@ -75,10 +115,15 @@ def ensure_state_tables(conn: psycopg.Connection) -> None:
             conn.execute(statement)
 
 
+def run_lock_key(target: str) -> str:
+    """The session advisory lock key that serialises the runs on one target table."""
+    return f"copy_engine:{target}"
+
+
 def read_watermark(conn: psycopg.Connection, target: str) -> str | None:
     row = conn.execute(
         sql.SQL("select watermark from {} where target_table = %s").format(
-            sql.Identifier(STATE_SCHEMA, "sync_state")), (target,)).fetchone()
+            SYNC_STATE), (target,)).fetchone()
     return None if row is None else row[0]
 
 
@@ -93,7 +138,7 @@ def write_state(conn: psycopg.Connection, report: SyncReport, cursor_column: str
                    table_name = excluded.table_name, source = excluded.source, mode = excluded.mode,
                    cursor_column = excluded.cursor_column, watermark = excluded.watermark,
                    last_rows_read = excluded.last_rows_read, synced_at = excluded.synced_at"""
-        ).format(sql.Identifier(STATE_SCHEMA, "sync_state")),
+        ).format(SYNC_STATE),
         (report.target, report.table, report.source, report.mode, cursor_column, report.watermark_after,
          report.rows_read),
     )
@@ -122,7 +167,7 @@ def record_run(conn: psycopg.Connection, report: SyncReport) -> int:
     with conn.transaction():
         row = conn.execute(
             sql.SQL("insert into {} ({}) values ({}) returning run_id").format(
-                sql.Identifier(STATE_SCHEMA, "sync_runs"), sql.SQL(", ").join(map(sql.Identifier, _RUN_COLUMNS)),
+                SYNC_RUNS, sql.SQL(", ").join(map(sql.Identifier, _RUN_COLUMNS)),
                 sql.SQL(", ").join(sql.Placeholder() * len(_RUN_COLUMNS))),
             _run_values(report)).fetchone()
     assert row is not None
@@ -142,7 +187,7 @@ def update_run(conn: psycopg.Connection, run_id: int, report: SyncReport) -> boo
     with conn.transaction():
         cursor = conn.execute(
             sql.SQL("update {} set ({}) = ({}) where run_id = %s").format(
-                sql.Identifier(STATE_SCHEMA, "sync_runs"), sql.SQL(", ").join(map(sql.Identifier, _RUN_COLUMNS)),
+                SYNC_RUNS, sql.SQL(", ").join(map(sql.Identifier, _RUN_COLUMNS)),
                 sql.SQL(", ").join(sql.Placeholder() * len(_RUN_COLUMNS))),
             (*_run_values(report), run_id))
     return cursor.rowcount > 0

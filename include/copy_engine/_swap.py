@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from ._errors import SwapRefusedError
 from ._schema import relation_oid
 
 logger = logging.getLogger(__name__)
@@ -92,10 +93,6 @@ join pg_namespace as n on n.oid = v.relnamespace
 where d.refclassid = 'pg_class'::regclass and d.refobjid = %s and v.relkind = 'v' and v.oid <> %s
 order by v.oid
 """
-
-
-class SwapRefusedError(Exception):
-    """The catalog refused part of the swap; the caller rolls the swap back and loads in place."""
 
 
 @dataclass(frozen=True)

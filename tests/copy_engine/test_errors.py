@@ -80,6 +80,14 @@ def test_bad_yaml_and_bad_settings(tmp_path):
         load_config(unknown)
     with pytest.raises(ConfigError, match="mode incremental needs cursor_column"):
         TableConfig(name="x", mode="incremental")
+    # The spellings of before 0.1 are gone: each fails with a message that names the one to use.
+    with pytest.raises(ConfigError, match=r"^x: unknown setting\(s\) large; known: .*parallel"):
+        TableConfig.from_mapping({"name": "x", "large": True})
+    with pytest.raises(ConfigError, match=r"^x: parallel must be a whole number of key ranges, at least 1 "
+                                          r"\(such as parallel: 4\), not \{'workers': 2\}$"):
+        TableConfig.from_mapping({"name": "x", "parallel": {"workers": 2}})
+    with pytest.raises(ConfigError, match=r"^x: parallel must be .* not 0$"):
+        TableConfig(name="x", parallel=0)
     with pytest.raises(ConfigError, match=r"cannot read the configuration file .*missing.yml"):
         load_config(tmp_path / "missing.yml")
 

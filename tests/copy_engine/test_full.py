@@ -89,9 +89,9 @@ def test_parallel_full_copy_by_key_ranges_on_one_snapshot(pair):
 
 def test_a_long_copy_logs_its_progress(pair, monkeypatch, caplog):
     # Every 256 kB the engine forwards to the target is a chance to log; with no interval, each is.
-    monkeypatch.setattr("include.copy_engine._sync.PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr("include.copy_engine._copy.PROGRESS_EVERY_S", 0.0)
     make_stock(pair, 20_000)
-    with caplog.at_level("INFO", logger="include.copy_engine._sync"):
+    with caplog.at_level("INFO", logger="include.copy_engine._copy"):
         report = sync_table(pair.source, pair.target, TableConfig(name="stock_master", source="public.stock_master"))
     progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stock_master: copying, ")]
     rows = [int(message.split(", ")[1].split()[0]) for message in progress]

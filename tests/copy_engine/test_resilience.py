@@ -170,7 +170,7 @@ def test_two_tables_loading_into_a_new_schema_at_once_both_succeed(pair):
 
 
 def test_the_audit_row_commits_with_the_data_and_is_completed_after_validation(pair, monkeypatch):
-    from include.copy_engine import _sync
+    from include.copy_engine import _api
 
     pair.run(pair.source, "create table public.feed (id int primary key, v text, changed_at int)")
     pair.run(pair.source, "insert into public.feed select i, 'v', i from generate_series(1, 10) i")
@@ -178,7 +178,7 @@ def test_the_audit_row_commits_with_the_data_and_is_completed_after_validation(p
     runs = ("select run_id, status, rows_inserted, watermark_after, validation_match from _copy_engine.sync_runs "
             "order by run_id")
     # The process dies right after the data's commit: the final update of its audit row never happens.
-    monkeypatch.setattr(_sync, "_record", lambda target_dsn, report: None)
+    monkeypatch.setattr(_api, "record_final", lambda target_dsn, report: None)
     first = sync_table(pair.source, pair.target, table)
     monkeypatch.undo()
     assert pair.rows(pair.target, runs) == [(first.run_id, "success", 10, "10", None)]
