@@ -46,7 +46,7 @@ order by k.position
 _TYPE_FACTS_SQL = """
 select t.typtype::text, n.nspname, t.typname, t.typelem::int, t.typbasetype::int,
        coalesce(r.rngsubtype, mr.rngsubtype, 0)::int, t.typsend::oid <> 0 and t.typreceive::oid <> 0,
-       t.typsubscript = 'pg_catalog.array_subscript_handler'::regproc,
+       t.typsubscript = 'pg_catalog.array_subscript_handler'::regproc, t.typrelid::int,
        exists (select from pg_opclass as oc join pg_am as am on am.oid = oc.opcmethod
                where am.amname = 'hash' and oc.opcdefault and oc.opcintype = t.oid)
 from pg_type as t
@@ -175,7 +175,7 @@ def type_facts(conn: psycopg.Connection, oid: int, cache: dict[int, TypeFacts] |
         return cache[oid]
     row = conn.execute(_TYPE_FACTS_SQL, (oid,)).fetchone()
     assert row is not None, f"type {oid} is not in pg_type"
-    typtype, nsp, name, element, base, subtype, has_binary_io, is_array, has_hash = row
+    typtype, nsp, name, element, base, subtype, has_binary_io, is_array, relid, has_hash = row
     builtin = nsp == "pg_catalog"
     facts: TypeFacts
     if typtype == "d":
@@ -190,7 +190,11 @@ def type_facts(conn: psycopg.Connection, oid: int, cache: dict[int, TypeFacts] |
         facts = TypeFacts(reason, f"{inner.read_cast}[]" if inner.read_cast else None,
                           "native" if inner.hash == "native" else "text", inner.refusal)
     elif typtype == "c":
-        facts = TypeFacts("binary composites carry their attributes' type oids, which differ between databases")
+        lossy = [a.name for a in _read_columns(conn, relid) if a.facts.read_cast or a.facts.refusal]
+        facts = TypeFacts("binary composites carry their attributes' type oids, which differ between databases",
+                          refusal=f"its attribute(s) {', '.join(lossy)} cannot travel inside a composite (xml drops "
+                          "its declaration there); select them as columns of their own with a custom select"
+                          if lossy else None)
     elif typtype == "e":
         facts = TypeFacts()  # binary enums are their labels; hashed as text (their hash is of the oid)
     elif typtype in ("r", "m"):
@@ -199,7 +203,8 @@ def type_facts(conn: psycopg.Connection, oid: int, cache: dict[int, TypeFacts] |
     elif not builtin:
         facts = TypeFacts("an extension type (its binary form is the extension's own)")
     elif name in _NO_INPUT:
-        facts = TypeFacts("PostgreSQL cannot read this type back", refusal="PostgreSQL has no input for this type")
+        facts = TypeFacts("PostgreSQL cannot read this type back", refusal="PostgreSQL has no input for this type; "
+                          "leave the column out with a custom select")
     elif name == "xml":
         facts = TypeFacts("its output drops a default XML declaration: read as text", read_cast="text")
     elif name in _OBJECT_NAMES:
@@ -295,8 +300,7 @@ def describe_source(
     for column in columns:
         if column.facts.refusal:
             raise SourceError(
-                f"column {column.name} is of type {column.type_sql}: {column.facts.refusal}, so no copy can "
-                "write it into the target; leave the column out with a custom select",
+                f"column {column.name} ({column.type_sql}) cannot be copied: {column.facts.refusal}",
                 table=table,
             )
     names = {column.name for column in columns}
