@@ -385,6 +385,14 @@ def test_every_catalog_type_round_trips_in_incremental_syncs(pair, wide, copy_fo
     assert (again.rows_read, again.rows_inserted, again.rows_updated, again.rows_deleted) == (wide.rows, 0, 0, 0)
 
 
+def test_every_catalog_type_round_trips_in_a_parallel_copy(pair, wide):
+    table = TableConfig(name="wide", source="public.wide", target="raw.wide", parallel=2, validation_ranges=4)
+    for _ in range(2):  # the first run creates the target, the second swaps a new copy in
+        report = sync_table(pair.source, pair.target, table)
+        assert (report.workers, report.rows_read, report.validation.match) == (2, wide.rows, True)
+        assert wide.dump(pair, pair.target, "raw.wide") == wide.dump(pair, pair.source, "public.wide")
+
+
 @pytest.mark.parametrize("typname", sorted(NO_INPUT - {"gtsvector"}))
 def test_a_type_postgresql_cannot_read_back_is_refused_before_anything_is_written(pair, typname):
     pair.run(pair.source, f"create table public.stats (id int primary key, v {typname})")
