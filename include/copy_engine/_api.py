@@ -16,7 +16,7 @@ from ._errors import ConcurrentRunError, CopyEngineError, TerminalError, Transie
 from ._parallel import ParallelPlan, as_plan, attempt_ranges, finish_ranges
 from ._report import SyncReport, ValidationResult
 from ._run import TableRun, finish_report, mismatch_error, open_snapshot, record_failure, record_final
-from ._schema import SOFT_DELETE_COLUMN, TargetPlan, relation_oid
+from ._schema import SOFT_DELETE_COLUMN, TargetPlan, relation_oid, target_conversions
 from ._sync import attempt_stream
 
 logger = logging.getLogger(__name__)
@@ -98,13 +98,15 @@ def validate_table(source_dsn: str, target_dsn: str, table: TableConfig) -> Vali
             shape = run.describe()
             target_schema, target_relation = table.target_schema_table
             with run.tgt.transaction(force_rollback=True):
-                if relation_oid(run.tgt, target_schema, target_relation) is None:
+                oid = relation_oid(run.tgt, target_schema, target_relation)
+                if oid is None:
                     raise TerminalError(f"target table {run.names.target_text} does not exist; run a sync first",
                                         table=table.name)
+                converted = target_conversions(run.tgt, shape, oid)
                 has_soft = run.tgt.execute(
                     "select 1 from information_schema.columns where table_schema = %s and table_name = %s "
                     "and column_name = %s", (target_schema, target_relation, SOFT_DELETE_COLUMN)).fetchone()
-            run.plan = TargetPlan(shape.names, [SOFT_DELETE_COLUMN] if has_soft else [], True)
+            run.plan = TargetPlan(shape.names, [SOFT_DELETE_COLUMN] if has_soft else [], True, converted=converted)
             open_snapshot(run.src)
             result = run.validate_in_snapshot()
             run.src.rollback()

@@ -57,7 +57,7 @@ from ._run import (
     record_failure,
     wait_for,
 )
-from ._schema import TargetPlan, relation_oid
+from ._schema import TargetPlan, relation_oid, target_conversions
 from ._state import (
     PARALLEL_RANGES,
     PARALLEL_RUNS,
@@ -467,7 +467,9 @@ def _finish_into(run: TableRun, plan: ParallelPlan, *, audit: bool) -> None:
         report.rows_read, report.bytes = int(done[1]), int(done[2])
         report.schema_changes = list(state["schema_changes"] or [])
         report.copy_format = "binary" if state["binary_copy"] else "text"
-        run.plan = TargetPlan(list(state["columns"]), [], bool(state["binary_copy"]))
+        with tgt.transaction(force_rollback=True):
+            converted = target_conversions(tgt, run.shape, relation_oid(tgt, *table.target_schema_table) or 0)
+        run.plan = TargetPlan(list(state["columns"]), [], bool(state["binary_copy"]), converted=converted)
         with run.data_transaction():
             if _run_row(tgt, plan.run_key, lock=True)["state"] != "held":
                 raise _released(table, plan, _run_row(tgt, plan.run_key))

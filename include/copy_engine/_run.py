@@ -97,10 +97,16 @@ class Names:
             query = sql.SQL("{} where {}").format(query, sql.SQL(" and ").join(conditions))
         return query
 
-    def target_rows(self, columns: list[str] | tuple[str, ...], *, live_only: bool) -> RowSet:
-        """The target's rows as a subquery; `live_only` leaves out the rows marked soft-deleted."""
+    def target_rows(self, columns: list[str] | tuple[str, ...], *, live_only: bool,
+                    converted: dict[str, str] | None = None) -> RowSet:
+        """The target's rows as a subquery; `live_only` leaves out the rows marked soft-deleted;
+        `converted` columns are read in the source's type (`TargetPlan.converted`)."""
         live = sql.SQL(" where {} is null").format(sql.Identifier(SOFT_DELETE_COLUMN)) if live_only else sql.SQL("")
-        return RowSet(sql.SQL("(select {} from {}{})").format(column_list(columns), self.target, live))
+        converted = converted or {}
+        items = sql.SQL(", ").join(
+            sql.SQL("{0}::{1} as {0}").format(sql.Identifier(c), sql.SQL(converted[c])) if c in converted
+            else sql.Identifier(c) for c in columns)
+        return RowSet(sql.SQL("(select {} from {}{})").format(items, self.target, live))
 
 
 def new_report(table: TableConfig) -> SyncReport:
@@ -412,7 +418,8 @@ class TableRun:
             self.src, self.tgt,
             source_rows=RowSet(sql.SQL("({})").format(self.names.source_rows(shape.names))),
             target_rows=self.names.target_rows(shape.names,
-                                               live_only=SOFT_DELETE_COLUMN in self.plan.extra_columns),
+                                               live_only=SOFT_DELETE_COLUMN in self.plan.extra_columns,
+                                               converted=self.plan.converted),
             shape=shape, ranges=table.validation_ranges,
             count_query=user_sql(table.count_query) if table.count_query else None)
 

@@ -154,6 +154,9 @@ class TargetPlan:
     changes: list[str] = field(default_factory=list)
     existed: bool = True
     ordinary_table: bool = True  # not partitioned or foreign: those refuse COPY FREEZE
+    # Columns the target holds in a wider type than the source: validation reads them in the
+    # source's type (column -> source type), so 0.5000 in numeric(14,4) compares as 0.50.
+    converted: dict[str, str] = field(default_factory=dict)
 
 
 def find_relation(conn: psycopg.Connection, schema: str, name: str) -> tuple[int, str] | None:
@@ -584,7 +587,15 @@ def prepare_target(
     for change in changes:
         logger.info("%s: schema change: %s", table, change)
     _log_copy_format(table, shape, widened)
-    return TargetPlan(shape.names, extra, binary, changes, existed=True, ordinary_table=kind == "r")
+    return TargetPlan(shape.names, extra, binary, changes, existed=True, ordinary_table=kind == "r",
+                      converted=target_conversions(conn, shape, oid))
+
+
+def target_conversions(conn: psycopg.Connection, shape: Shape, oid: int) -> dict[str, str]:
+    """The source type of each column the target (relation `oid`) holds in another type."""
+    existing = {column.name: column.type_sql for column in _read_columns(conn, oid)}
+    return {column.name: column.type_sql for column in shape.columns
+            if column.name in existing and existing[column.name] != column.type_sql}
 
 
 def _log_copy_format(table: str, shape: Shape, widened: list[str]) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 from psycopg import sql
 
-from include.copy_engine import SchemaConflictError, TableConfig, sync_table
+from include.copy_engine import SchemaConflictError, TableConfig, sync_table, validate_table
 
 
 @dataclass(frozen=True)
@@ -212,3 +212,21 @@ def test_a_target_made_by_hand_with_identity_columns_takes_full_and_incremental_
     assert (report.rows_inserted, report.rows_updated, report.validation.match) == (1, 8, True)
     assert dump(pair, pair.target, "raw.tickets", columns, "ticket_id") == \
         dump(pair, pair.source, "public.tickets", columns, "ticket_id")
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_a_wider_target_validates_in_the_source_types_and_still_names_a_changed_key(pair, parallel):
+    pair.run(pair.source, "create table public.prices (id int primary key, price numeric(10,2), ratio real, "
+                          "qty int)")
+    pair.run(pair.source, "insert into public.prices select i, i / 4.0, i / 3.0, i from generate_series(1, 40) i")
+    pair.run(pair.target, "create schema raw")
+    pair.run(pair.target, "create table raw.prices (id int primary key, price numeric(14,4), ratio double precision, "
+                          "qty bigint)")
+    table = TableConfig(name="prices", source="public.prices", validation_ranges=2, parallel=parallel)
+
+    report = sync_table(pair.source, pair.target, table)
+
+    assert (report.copy_format, report.validation.match) == ("text", True)
+    assert pair.rows(pair.target, "select price::text from raw.prices where id = 2") == [("0.5000",)]
+    pair.run(pair.target, "update raw.prices set price = 0.51 where id = 2")
+    assert validate_table(pair.source, pair.target, table).differing_keys == [["2"]]
