@@ -67,6 +67,8 @@ class SyncReport:
     error: str | None = None
     error_type: str | None = None
     run_id: int | None = None  # the run's row in _copy_engine.sync_runs
+    # What an operator must know about this run, such as a CDC slot found invalidated.
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -93,6 +95,8 @@ class SyncReport:
         )
         if self.schema_changes:
             line += f", {len(self.schema_changes)} schema change(s)"
+        if self.notes:
+            line += "; " + "; ".join(self.notes)
         if self.error:
             line += f"; error: {self.error}"
         return line

@@ -92,6 +92,8 @@ _CREATE = [
         )"""
     ).format(PARALLEL_RANGES, PARALLEL_RUNS),
     sql.SQL("alter table {} add column if not exists report jsonb").format(PARALLEL_RUNS),
+    # A CDC table's replication slot and publication on the source (both have this name).
+    sql.SQL("alter table {} add column if not exists replication_slot text").format(SYNC_STATE),
 ]
 
 # Serialises the `create ... if not exists` of concurrent first runs, which can otherwise collide.
@@ -101,6 +103,8 @@ select to_regclass('_copy_engine.sync_runs') is not null and to_regclass('_copy_
    and exists (select from pg_attribute
                where attrelid = to_regclass('_copy_engine.parallel_runs') and attname = 'report')
    and to_regclass('_copy_engine.parallel_ranges') is not null
+   and exists (select from pg_attribute
+               where attrelid = to_regclass('_copy_engine.sync_state') and attname = 'replication_slot')
 """
 
 
@@ -127,21 +131,35 @@ def read_watermark(conn: psycopg.Connection, target: str) -> str | None:
     return None if row is None else row[0]
 
 
-def write_state(conn: psycopg.Connection, report: SyncReport, cursor_column: str | None) -> None:
-    """Record the watermark; called inside the data transaction so both commit or neither."""
+def write_state(conn: psycopg.Connection, report: SyncReport, cursor_column: str | None, *,
+                replication_slot: str | None = None) -> None:
+    """Record the watermark (for CDC: the source position applied, and its slot); called inside the data
+    transaction so both commit or neither."""
     conn.execute(
         sql.SQL(
             """insert into {} as s (target_table, table_name, source, mode, cursor_column, watermark,
-                                    last_rows_read, synced_at)
-               values (%s, %s, %s, %s, %s, %s, %s, now())
+                                    last_rows_read, synced_at, replication_slot)
+               values (%s, %s, %s, %s, %s, %s, %s, now(), %s)
                on conflict (target_table) do update set
                    table_name = excluded.table_name, source = excluded.source, mode = excluded.mode,
                    cursor_column = excluded.cursor_column, watermark = excluded.watermark,
-                   last_rows_read = excluded.last_rows_read, synced_at = excluded.synced_at"""
+                   last_rows_read = excluded.last_rows_read, synced_at = excluded.synced_at,
+                   replication_slot = excluded.replication_slot"""
         ).format(SYNC_STATE),
         (report.target, report.table, report.source, report.mode, cursor_column, report.watermark_after,
-         report.rows_read),
+         report.rows_read, replication_slot),
     )
+
+
+def read_cdc_states(conn: psycopg.Connection) -> list[tuple[str, str, str]]:
+    """(target table, source, replication slot) of every table a CDC run has synced into this warehouse."""
+    rows = conn.execute(sql.SQL("select target_table, source, replication_slot from {} "
+                                "where replication_slot is not null order by target_table").format(SYNC_STATE))
+    return [(str(a), str(b), str(c)) for a, b, c in rows.fetchall()]
+
+
+def forget_state(conn: psycopg.Connection, target: str) -> None:
+    conn.execute(sql.SQL("delete from {} where target_table = %s").format(SYNC_STATE), (target,))
 
 
 _RUN_COLUMNS = ("table_name", "source", "target_table", "mode", "status", "started_at", "finished_at", "rows_read",
