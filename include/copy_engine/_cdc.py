@@ -295,6 +295,20 @@ def attempt_cdc(run: TableRun) -> None:
                 _full_copy(run, name)
             else:
                 _apply_changes(run, name, stored)
+            _measure_slot(run, name)
+
+
+def _measure_slot(run: TableRun, name: str) -> None:
+    """What the slot costs the source as this run leaves it: WAL kept for it, and WAL not yet confirmed."""
+    with run.src.transaction(force_rollback=True):
+        row = run.src.execute(
+            "select pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, "
+            "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint "
+            "from pg_replication_slots where slot_name = %s", (name,)).fetchone()
+    if row is not None:
+        run.report.slot_retained_wal_bytes, run.report.slot_lag_bytes = int(row[0]), int(row[1])
+        logger.info("%s: slot %s keeps %.1f MB of WAL on the source, %.1f MB not yet confirmed", run.table.name,
+                    name, row[0] / 1e6, row[1] / 1e6)
 
 
 def _slot_row(src: psycopg.Connection, name: str) -> dict[str, Any] | None:

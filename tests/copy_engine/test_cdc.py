@@ -26,6 +26,7 @@ from include.copy_engine import SourceError, TableConfig, _cdc, drop_unconfigure
 from include.local_stack.postgres import EmbeddedPostgres, free_port
 from tests.conftest import PostgresServer
 from tests.copy_engine.conftest import Pair
+from tests.dbt.conftest import DBT, DBT_PROJECT, dbt_env, fetch, run_dbt
 
 ROOT = Path(__file__).resolve().parents[2]
 PG15_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -357,3 +358,27 @@ def test_config_refuses_what_cdc_cannot_do() -> None:
         TableConfig(name="t", mode="cdc", where="id > 1")
     with pytest.raises(Exception, match="delete_detection soft is not supported"):
         TableConfig(name="t", mode="cdc", delete_detection="soft")
+
+
+def test_pipeline_health_shows_the_slots_wal_and_flags_it_past_the_limit(logical_pg18: PostgresServer,
+                                                                        tmp_path: Path) -> None:
+    pair = new_pair(logical_pg18)
+    try:
+        pair.run(pair.source, _CREATE)
+        sync_table(pair.source, pair.target, TABLE)
+        pair.run(pair.source, "update items set qty = 0")
+        report = sync_table(pair.source, pair.target, TABLE)
+        assert report.slot_retained_wal_bytes is not None and report.slot_retained_wal_bytes > 0
+        assert report.slot_lag_bytes is not None and 0 <= report.slot_lag_bytes <= report.slot_retained_wal_bytes
+        run_dbt(["build", "--select", "stg_sync_runs", "pipeline_health"], dsn=pair.target, work_dir=tmp_path)
+        [health] = fetch(pair.target, "select * from marts.pipeline_health")
+        assert (health["slot_retained_wal_bytes"], health["slot_lag_bytes"], health["is_slot_wal_over_limit"]) == (
+            report.slot_retained_wal_bytes, report.slot_lag_bytes, False)
+        over = subprocess.run(
+            [str(DBT), "build", "--select", "pipeline_health", "--vars", "{cdc_slot_wal_alert_bytes: 0}",
+             "--project-dir", str(DBT_PROJECT), "--profiles-dir", str(DBT_PROJECT),
+             "--target-path", str(tmp_path / "target"), "--log-path", str(tmp_path / "logs")],
+            env=dbt_env(pair.target), capture_output=True, text=True, cwd=tmp_path, check=False)
+        assert over.returncode != 0 and "is_slot_wal_over_limit" in over.stdout, over.stdout[-3000:]
+    finally:
+        drop_pair(pair)
