@@ -77,7 +77,7 @@ def sync_in_task(name: str, source_dsn: str, warehouse_dsn: str, context: Mappin
 def asset_event_extra(report: SyncReport) -> dict[str, Any]:
     """What an operator wants to see on the raw table's Asset event."""
     data = report.to_dict()
-    keys = ("mode", "rows_read", "rows_inserted", "rows_updated", "rows_deleted", "duration_s",
+    keys = ("mode", "rows_read", "rows_inserted", "rows_updated", "rows_deleted", "rows_replaced", "duration_s",
             "watermark_before", "watermark_after")  # fmt: skip
     extra = {key: data[key] for key in keys if key in data}
     validation = data.get("validation") or {}

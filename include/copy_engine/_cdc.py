@@ -28,6 +28,7 @@ import psycopg
 from psycopg import sql
 
 from ._errors import SourceError, TerminalError
+from ._keys import key_changes
 from ._run import TableRun, column_list, import_snapshot
 from ._schema import Shape
 from ._state import ensure_state_tables, forget_state, read_cdc_states, read_watermark, write_state
@@ -418,7 +419,7 @@ def _full_copy(run: TableRun, name: str) -> None:
         import_snapshot(run.src, exported.snapshot)
         with run.data_transaction():
             run.prepare_target(need_key=True)
-            run.load_full()
+            run.load_full(key_changes)
             report.watermark_after = exported.start
             write_state(run.tgt, report, None, replication_slot=name)
             run.record_committed()

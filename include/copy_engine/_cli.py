@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(results[0], default=str))
     else:
         summary: dict[str, Any] = {"status": "failed" if failures else "success", "tables": results}
-        for key in ("rows_read", "rows_inserted", "rows_updated", "rows_deleted"):
+        for key in ("rows_read", "rows_inserted", "rows_updated", "rows_deleted", "rows_replaced"):
             summary[key] = sum(int(item.get(key) or 0) for item in results)
         summary["duration_s"] = round(sum(float(item.get("duration_s") or 0) for item in results), 3)
         summary["validation"] = {"match": all(item.get("validation", {}).get("match") is not False

@@ -45,6 +45,7 @@ from ._config import TableConfig
 from ._connect import connect, raise_classified
 from ._copy import stream
 from ._errors import CopyEngineError, SnapshotReleasedError, SwapRefusedError, TerminalError, TransientError
+from ._keys import key_changes
 from ._report import RangeDifference, SyncReport, ValidationResult
 from ._run import (
     TableRun,
@@ -509,15 +510,16 @@ def _swap_loaded_table(run: TableRun, plan: ParallelPlan) -> bool:
     run.add_primary_key(stage, key)
     tgt.execute(sql.SQL("analyze {}").format(stage))
     schema, relation = table.target_schema_table
+    before = run.rows_before(key_changes)
     try:
         with tgt.transaction():
-            report.rows_deleted = swap_in(tgt, loaded=(STATE_SCHEMA, _stage_relation(table)), loaded_key=key,
-                                          schema=schema, relation=relation, table=table.name)
+            swap_in(tgt, loaded=(STATE_SCHEMA, _stage_relation(table)), loaded_key=key, schema=schema,
+                    relation=relation, table=table.name)
     except SwapRefusedError as refused:
         logger.warning("%s: cannot swap the loaded rows in (%s); writing them into the target in place",
                        table.name, refused)
         return False
-    report.rows_inserted = report.rows_read
+    run.report_replacement(report.rows_read, before)
     return True
 
 
@@ -530,7 +532,7 @@ def _insert_loaded_rows(run: TableRun) -> None:
             run.names.target, columns, columns, stage))
         return max(inserted.rowcount, 0)
 
-    run.replace_rows(load)
+    run.replace_rows(load, key_changes)
     run.tgt.execute(sql.SQL("drop table {}").format(stage))
 
 

@@ -53,6 +53,7 @@ class SyncReport:
     rows_inserted: int = 0
     rows_updated: int = 0
     rows_deleted: int = 0
+    rows_replaced: int = 0  # a full copy: rows written in place of a row with the same key
     bytes: int = 0
     duration_s: float = 0.0
     rows_per_s: float = 0.0
@@ -91,9 +92,10 @@ class SyncReport:
             check = "not validated"
         else:
             check = f"VALIDATION MISMATCH in {len(self.validation.differing_ranges)} range(s)"
+        replaced = f", replaced {self.rows_replaced}" if self.rows_replaced else ""
         line = (
             f"{self.table} [{self.mode}] {self.status}: read {self.rows_read}, inserted {self.rows_inserted}, "
-            f"updated {self.rows_updated}, deleted {self.rows_deleted} in {self.duration_s:.2f}s "
+            f"updated {self.rows_updated}, deleted {self.rows_deleted}{replaced} in {self.duration_s:.2f}s "
             f"({self.rows_per_s:,.0f} rows/s), {check}"
         )
         if self.schema_changes:

@@ -313,20 +313,20 @@ class TableRun:
         A failed run then reports no row it did not commit and no schema change it rolled back.
         """
         report = self.report
-        kept = (report.rows_read, report.rows_inserted, report.rows_updated, report.rows_deleted, report.bytes,
-                list(report.schema_changes), report.watermark_after)
+        kept = (report.rows_read, report.rows_inserted, report.rows_updated, report.rows_deleted,
+                report.rows_replaced, report.bytes, list(report.schema_changes), report.watermark_after)
         try:
             with self.tgt.transaction():
                 yield
         except BaseException:
-            (report.rows_read, report.rows_inserted, report.rows_updated, report.rows_deleted, report.bytes,
-             report.schema_changes, report.watermark_after) = kept
+            (report.rows_read, report.rows_inserted, report.rows_updated, report.rows_deleted,
+             report.rows_replaced, report.bytes, report.schema_changes, report.watermark_after) = kept
             raise
 
     def set_lock_timeout(self) -> None:
         self.tgt.execute("select set_config('lock_timeout', %s, true)", (f"{int(self.table.lock_timeout_s * 1000)}ms",))
 
-    def replace_rows(self, load: Callable[[], int]) -> int:
+    def replace_rows(self, load: Callable[[], int], key_changes: Callable[[TableRun], tuple[int, int]]) -> int:
         """Replace the target's rows in place: lock it, drop its key, TRUNCATE, `load()`, rebuild the key.
 
         Returns the rows `load` wrote. Readers wait on the lock and then see the old rows or the new.
@@ -334,17 +334,41 @@ class TableRun:
         target = self.names.target
         self.set_lock_timeout()
         self.tgt.execute(sql.SQL("lock table {} in access exclusive mode").format(target))
-        before = self.tgt.execute(sql.SQL("select count(*) from {}").format(target)).fetchone()
-        self.report.rows_deleted = int(before[0]) if before else 0
+        before = self.rows_before(key_changes)
         key_constraint = self._drop_primary_key()
         self.tgt.execute(sql.SQL("truncate {}").format(target))
-        rows = self.report.rows_inserted = load()
+        rows = load()
         if key_constraint:
             self.add_primary_key(target, key_constraint)
+        self.report_replacement(rows, before)
         return rows
 
-    def load_full(self) -> None:
-        """Replace the target's rows with the source snapshot's, streamed in one COPY."""
+    def rows_before(self, key_changes: Callable[[TableRun], tuple[int, int]]) -> tuple[int, int | None]:
+        """Before the target's rows are replaced: (rows it holds, those whose key the source lacks).
+
+        The second is None for a table without a primary key (its rows have no identity to follow).
+        """
+        target = self.names.target
+        if not self.shape.primary_key:
+            row = self.tgt.execute(sql.SQL("select count(*) from {}").format(target)).fetchone()
+            return (int(row[0]) if row else 0), None
+        empty = self.tgt.execute(sql.SQL("select not exists (select from {})").format(target)).fetchone()
+        return (0, 0) if empty and empty[0] else key_changes(self)
+
+    def report_replacement(self, rows: int, before: tuple[int, int | None]) -> None:
+        """A full copy's counts against what the target held: rows whose key is new (inserted), whose
+        key is gone (deleted), and rows written in place of one with the same key (replaced)."""
+        old_rows, removed = before
+        kept = old_rows - removed if removed is not None else min(old_rows, rows)
+        self.report.rows_replaced = kept
+        self.report.rows_inserted = rows - kept
+        self.report.rows_deleted = old_rows - kept
+
+    def load_full(self, key_changes: Callable[[TableRun], tuple[int, int]]) -> None:
+        """Replace the target's rows with the source snapshot's, streamed in one COPY.
+
+        `key_changes` counts the keys the target holds and the source lacks, for the report.
+        """
         plan, report = self.plan, self.report
 
         def load() -> int:
@@ -357,7 +381,7 @@ class TableRun:
                                         progress=self.table.name, freeze=plan.ordinary_table)
             return rows
 
-        report.rows_read = self.replace_rows(load)
+        report.rows_read = self.replace_rows(load, key_changes)
 
     def add_primary_key(self, relation: sql.Composable, constraint: str) -> None:
         """Build the primary key on freshly loaded rows; a repeated key value is the source's error."""

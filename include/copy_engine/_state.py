@@ -50,6 +50,7 @@ _CREATE = [
             rows_inserted bigint not null,
             rows_updated bigint not null,
             rows_deleted bigint not null,
+            rows_replaced bigint not null default 0,
             bytes bigint not null,
             duration_s double precision not null,
             watermark_before text,
@@ -92,6 +93,8 @@ _CREATE = [
         )"""
     ).format(PARALLEL_RANGES, PARALLEL_RUNS),
     sql.SQL("alter table {} add column if not exists report jsonb").format(PARALLEL_RUNS),
+    # Added in 0.2: a full copy's rows written in place of a row with the same key.
+    sql.SQL("alter table {} add column if not exists rows_replaced bigint not null default 0").format(SYNC_RUNS),
     # A CDC table's replication slot and publication on the source (both have this name).
     sql.SQL("alter table {} add column if not exists replication_slot text").format(SYNC_STATE),
 ]
@@ -103,6 +106,8 @@ select to_regclass('_copy_engine.sync_runs') is not null and to_regclass('_copy_
    and exists (select from pg_attribute
                where attrelid = to_regclass('_copy_engine.parallel_runs') and attname = 'report')
    and to_regclass('_copy_engine.parallel_ranges') is not null
+   and exists (select from pg_attribute
+               where attrelid = to_regclass('_copy_engine.sync_runs') and attname = 'rows_replaced')
    and exists (select from pg_attribute
                where attrelid = to_regclass('_copy_engine.sync_state') and attname = 'replication_slot')
 """
@@ -163,8 +168,9 @@ def forget_state(conn: psycopg.Connection, target: str) -> None:
 
 
 _RUN_COLUMNS = ("table_name", "source", "target_table", "mode", "status", "started_at", "finished_at", "rows_read",
-                "rows_inserted", "rows_updated", "rows_deleted", "bytes", "duration_s", "watermark_before",
-                "watermark_after", "validation_match", "schema_changes", "attempts", "error", "report")
+                "rows_inserted", "rows_updated", "rows_deleted", "rows_replaced", "bytes", "duration_s",
+                "watermark_before", "watermark_after", "validation_match", "schema_changes", "attempts", "error",
+                "report")
 
 
 def _run_values(report: SyncReport) -> tuple[Any, ...]:
@@ -172,9 +178,9 @@ def _run_values(report: SyncReport) -> tuple[Any, ...]:
     data.pop("run_id")  # the row's own run_id column says it
     return (report.table, report.source, report.target, report.mode, report.status, report.started_at,
             report.finished_at or dt.datetime.now(dt.UTC), report.rows_read, report.rows_inserted,
-            report.rows_updated, report.rows_deleted, report.bytes, report.duration_s, report.watermark_before,
-            report.watermark_after, report.validation.match, Jsonb(report.schema_changes), report.attempts,
-            report.error, Jsonb(json.loads(json.dumps(data))))
+            report.rows_updated, report.rows_deleted, report.rows_replaced, report.bytes, report.duration_s,
+            report.watermark_before, report.watermark_after, report.validation.match, Jsonb(report.schema_changes),
+            report.attempts, report.error, Jsonb(json.loads(json.dumps(data))))
 
 
 def record_run(conn: psycopg.Connection, report: SyncReport) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import psycopg
 
 from include.copy_engine import TableConfig, sync_table
-from include.copy_engine._sync import _Spans
+from include.copy_engine._keys import Spans
 
 from .test_full import make_stock
 
@@ -101,9 +101,9 @@ def test_deletes_of_the_first_and_last_text_keys(pair):
 
 def test_spans_merge_adjacent_ranges_and_keep_the_open_ends():
     bounds = ["10", "20", "30", "40"]
-    assert _Spans.of_ranges("id", "bigint", bounds, [0, 1, 3]).spans == [(None, "20"), ("30", "40")]
-    assert _Spans.of_ranges("id", "bigint", bounds, [4, 2]).spans == [("20", "30"), ("40", None)]
-    assert _Spans.of_ranges("id", "bigint", [], [0]).spans == [(None, None)]
+    assert Spans.of_ranges("id", "bigint", bounds, [0, 1, 3]).spans == [(None, "20"), ("30", "40")]
+    assert Spans.of_ranges("id", "bigint", bounds, [4, 2]).spans == [("20", "30"), ("40", None)]
+    assert Spans.of_ranges("id", "bigint", [], [0]).spans == [(None, None)]
 
 
 def test_when_the_extra_connections_are_refused_the_sync_sums_the_keys_itself(pair, caplog):

@@ -39,6 +39,37 @@ def test_incremental_table_without_primary_key(pair):
         sync_table(pair.source, pair.target, table)
 
 
+def test_a_failed_run_reports_nothing_it_rolled_back(pair):
+    pair.run(pair.source, "create type public.mood as enum ('ok', 'sad')")
+    pair.run(pair.source, "create table public.events (id int primary key, mood public.mood, changed_at int)")
+    pair.run(pair.source, "insert into public.events select i, 'ok', i from generate_series(1, 50) as i")
+    audit = "select status, rows_read, rows_inserted, rows_deleted, rows_replaced, schema_changes from " \
+            "_copy_engine.sync_runs order by run_id"
+    # A cursor column the source lacks: refused before anything is written.
+    no_cursor = TableConfig(name="events", source="public.events", mode="incremental", cursor_column="updated_at")
+    with pytest.raises(SourceError, match=r"^events: cursor_column updated_at is not a source column "
+                                          r"\(id, mood, changed_at\)$") as raised:
+        sync_table(pair.source, pair.target, no_cursor)
+    report = raised.value.report
+    assert (report.rows_read, report.rows_inserted, report.schema_changes) == (0, 0, [])
+    assert "schema change" not in report.summary()
+    assert pair.scalar(pair.target, "select to_regclass('raw.events') is null") is True
+
+    # A failure after the rows were loaded (the custom select repeats a key): the table it created and the
+    # rows it loaded are rolled back, and so are they in the report; the enum type it created commits on its
+    # own, so it is reported.
+    repeating = TableConfig(name="events", source="public.events", primary_key=("id",),
+                            select="select id % 10 as id, mood, changed_at from public.events")
+    with pytest.raises(SourceError, match="the source rows repeat a primary key value") as raised:
+        sync_table(pair.source, pair.target, repeating)
+    report = raised.value.report
+    assert (report.status, report.rows_read, report.rows_inserted, report.rows_deleted, report.rows_replaced,
+            report.schema_changes) == ("failed", 0, 0, 0, 0, ["created enum type public.mood"])
+    assert pair.scalar(pair.target, "select to_regclass('raw.events') is null") is True
+    assert pair.rows(pair.target, audit) == [
+        ("failed", 0, 0, 0, 0, []), ("failed", 0, 0, 0, 0, ["created enum type public.mood"])]
+
+
 def test_unknown_column_in_custom_sql(pair):
     make_stock(pair, 3)
     for settings in ({"where": "no_such_column > 1"}, {"select": "select no_such_column from public.stock_master"}):

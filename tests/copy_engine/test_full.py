@@ -50,6 +50,27 @@ def test_first_full_sync_creates_the_target_with_its_key(pair):
     assert report.summary().startswith("stock_master [full] success: read 100, inserted 100")
 
 
+def test_a_full_sync_of_an_unchanged_source_reports_no_change_everywhere(pair):
+    from include.ingestion import asset_event_extra
+
+    make_stock(pair, 20_005)
+    table = TableConfig(name="stock_master", source="public.stock_master")
+    sync_table(pair.source, pair.target, table)
+    pair.run(pair.target, "update raw.stock_master set ticker = ticker")  # new row versions, same values
+
+    report = sync_table(pair.source, pair.target, table)
+
+    counts = (20_005, 0, 0, 0, 20_005)
+    assert (report.rows_read, report.rows_inserted, report.rows_updated, report.rows_deleted,
+            report.rows_replaced) == counts
+    assert "read 20005, inserted 0, updated 0, deleted 0, replaced 20005 in " in report.summary()
+    extra = asset_event_extra(report)
+    assert tuple(extra[key] for key in ("rows_read", "rows_inserted", "rows_updated", "rows_deleted",
+                                        "rows_replaced")) == counts
+    assert pair.rows(pair.target, "select rows_read, rows_inserted, rows_updated, rows_deleted, rows_replaced "
+                     "from _copy_engine.sync_runs order by run_id desc limit 1") == [counts]
+
+
 def test_second_full_sync_replaces_rows_and_keeps_dependent_views(pair):
     make_stock(pair, 50)
     table = TableConfig(name="stock_master", source="public.stock_master")
@@ -61,7 +82,9 @@ def test_second_full_sync_replaces_rows_and_keeps_dependent_views(pair):
 
     report = sync_table(pair.source, pair.target, table)
 
-    assert (report.rows_read, report.rows_inserted, report.rows_deleted) == (41, 41, 50)
+    # Against what the target held: one key new, ten gone, the other 40 rows written again in place.
+    assert (report.rows_read, report.rows_inserted, report.rows_updated, report.rows_deleted,
+            report.rows_replaced) == (41, 1, 0, 10, 40)
     assert pair.scalar(pair.target, "select count(*) from public.stg_stock") == 41
     assert pair.scalar(pair.target, "select ticker from public.stg_stock where security_id = 20") == "CHANGED"
     assert pair.scalar(pair.target, "select min(security_id) from raw.stock_master") == 11
@@ -77,8 +100,8 @@ def test_parallel_full_copy_by_key_ranges_on_one_snapshot(pair):
 
     report = sync_table(pair.source, pair.target, table)
 
-    assert (report.status, report.workers, report.rows_read, report.rows_inserted, report.rows_deleted) == (
-        "success", 3, 900, 900, 1000)
+    assert (report.status, report.workers, report.rows_read, report.rows_inserted, report.rows_deleted,
+            report.rows_replaced) == ("success", 3, 900, 0, 100, 900)
     assert report.validation.match is True and report.validation.ranges_checked == 4
     query = "select * from {} order by security_id"
     assert pair.rows(pair.target, query.format("raw.stock_master")) == pair.rows(
@@ -138,7 +161,8 @@ def test_full_sync_into_an_existing_partitioned_table(pair):
     report = sync_table(pair.source, pair.target, table)
 
     assert report.status == "success", report.error
-    assert (report.rows_read, report.rows_inserted, report.rows_deleted) == (300, 300, 300)
+    # The source did not change: nothing inserted or deleted, its 300 rows written again in place.
+    assert (report.rows_read, report.rows_inserted, report.rows_deleted, report.rows_replaced) == (300, 0, 0, 300)
     assert report.validation.match is True
     assert pair.rows(pair.target, "select count(*) from raw.stock_master_low") == [(149,)]
     query = "select * from {} order by security_id"

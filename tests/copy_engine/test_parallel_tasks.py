@@ -158,7 +158,8 @@ def test_a_retried_range_is_idempotent_and_a_second_run_reports_rows_replaced(pa
         report = finish_parallel_copy(pair.source, pair.target, table, plan)
         assert holder.result() == "finished"
 
-    assert (report.rows_read, report.rows_inserted, report.rows_deleted, report.workers) == (3000, 3000, 4000, 3)
+    assert (report.rows_read, report.rows_inserted, report.rows_deleted, report.rows_replaced, report.workers) == (
+        3000, 0, 1000, 3000, 3)
     assert pair.rows(pair.target, ORDERED.format("raw.events")) == pair.rows(pair.source,
                                                                            ORDERED.format("public.events"))
     assert pair.scalar(pair.target, "select count(*) from public.stg_events") == 3000
@@ -221,7 +222,7 @@ def test_killing_the_holder_mid_run_leaves_the_target_unchanged_and_a_new_plan_c
         "failed"
 
     report = sync_table(pair.source, pair.target, table)
-    assert (report.status, report.workers, report.rows_inserted) == ("success", 4, 8_000)
+    assert (report.status, report.workers, report.rows_inserted, report.rows_replaced) == ("success", 4, 0, 8_000)
     assert pair.scalar(pair.target, "select count(*) from raw.events where code = 'NEW'") == 8_000
 
 
@@ -286,8 +287,8 @@ def test_the_ingestion_steps_copy_the_configured_large_table_and_then_sync_it_in
     assert held == "finished" and sum(result["rows"] for result in copied) == 5_000
     assert asset_event_extra(report) == {
         "mode": "incremental", "rows_read": 5_000, "rows_inserted": 5_000, "rows_updated": 0, "rows_deleted": 0,
-        "duration_s": report.duration_s, "watermark_before": None, "watermark_after": report.watermark_after,
-        "validation_match": True}
+        "rows_replaced": 0, "duration_s": report.duration_s, "watermark_before": None,
+        "watermark_after": report.watermark_after, "validation_match": True}
     assert report.watermark_after == pair.scalar(pair.source, "select max(changed_at)::text from public.edi_690")
 
     tick(pair.source, seed=7)

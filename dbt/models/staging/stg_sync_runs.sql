@@ -25,6 +25,7 @@ renamed as (
         rows_inserted,
         rows_updated,
         rows_deleted,
+        rows_replaced,
         rows_inserted + rows_updated + rows_deleted as rows_changed,
         bytes as bytes_copied,
         duration_s as duration_seconds,

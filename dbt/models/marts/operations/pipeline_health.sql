@@ -70,6 +70,7 @@ final as (
         last_success.rows_inserted as last_success_rows_inserted,
         last_success.rows_updated as last_success_rows_updated,
         last_success.rows_deleted as last_success_rows_deleted,
+        last_success.rows_replaced as last_success_rows_replaced,
         last_success.duration_seconds as last_success_duration_seconds,
         last_success.watermark_after as last_success_watermark,
         last_success.validation_match as last_success_validation_match,
