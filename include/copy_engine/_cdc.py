@@ -27,9 +27,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from ._errors import SourceError, TerminalError
+from ._errors import SourceError, TerminalError, TransientError
 from ._keys import key_changes
-from ._run import TableRun, column_list, import_snapshot
+from ._run import TableRun, column_list, import_snapshot, wait_for
 from ._schema import Shape
 from ._state import ensure_state_tables, forget_state, read_cdc_states, read_watermark, write_state
 
@@ -409,6 +409,7 @@ def _full_copy(run: TableRun, name: str) -> None:
     check_requirements(run, name)
     run.create_types()
     _ensure_publication(run, name)
+    wait_until_slot_free(run, name)
     _drop_slot(run.src, name)
     run.src.rollback()
     run.tgt.rollback()  # a slot's creation waits for every open transaction that wrote, ours too
@@ -442,9 +443,24 @@ def read_changes(src: psycopg.Connection, name: str, upto: str) -> Iterator[byte
             yield bytes(data)
 
 
+def wait_until_slot_free(run: TableRun, name: str) -> None:
+    """Wait (up to `lock_wait_s`) while another session uses the slot, such as the backend of a killed
+    run that has not noticed its client is gone; then fail transiently."""
+    def free() -> bool | None:
+        with run.src.transaction(force_rollback=True):
+            row = run.src.execute("select active_pid from pg_replication_slots where slot_name = %s",
+                                  (name,)).fetchone()
+        return True if row is None or row[0] is None else None
+
+    if wait_for(free, timeout_s=run.table.lock_wait_s, poll_s=0.2) is None:
+        raise TransientError(f"the replication slot {name} is in use by another session on the source; "
+                             "the run will be retried", table=run.table.name)
+
+
 def _apply_changes(run: TableRun, name: str, stored: str) -> None:
     table, report, src = run.table, run.report, run.src
     shape = run.shape
+    wait_until_slot_free(run, name)
     row = src.execute("select pg_current_wal_flush_lsn()::text").fetchone()
     src.commit()
     assert row is not None

@@ -382,3 +382,21 @@ def test_pipeline_health_shows_the_slots_wal_and_flags_it_past_the_limit(logical
         assert over.returncode != 0 and "is_slot_wal_over_limit" in over.stdout, over.stdout[-3000:]
     finally:
         drop_pair(pair)
+
+
+def test_replica_identity_full_with_a_configured_key_and_a_truncate(cdc_pair: Pair) -> None:
+    pair = cdc_pair
+    pair.run(pair.source, "create table items (id int not null, name text, qty int, big text);"
+                          "alter table items replica identity full;"
+                          "insert into items select g, 'item ' || g, g, null from generate_series(1, 50) as g")
+    table = TABLE.with_overrides(primary_key=("id",))
+    sync_table(pair.source, pair.target, table)
+    pair.run(pair.source, "update items set qty = -qty where id <= 5; delete from items where id > 45;"
+                          "update items set id = 100 where id = 10")
+    changed = sync_table(pair.source, pair.target, table)
+    assert (changed.rows_inserted, changed.rows_updated, changed.rows_deleted) == (1, 5, 6)
+    assert_same(pair)
+    pair.run(pair.source, "truncate items; insert into items values (7, 'after truncate', 1, null)")
+    truncated = sync_table(pair.source, pair.target, table)
+    assert (truncated.rows_inserted, truncated.rows_deleted) == (1, 45)
+    assert_same(pair)
