@@ -31,7 +31,7 @@ from ._errors import SourceError, TerminalError, TransientError
 from ._keys import key_changes
 from ._run import TableRun, column_list, import_snapshot, wait_for
 from ._schema import Shape
-from ._state import ensure_state_tables, forget_state, read_cdc_states, read_watermark, write_state
+from ._state import ensure_state_tables, forget_replication, read_cdc_states, read_watermark, write_state
 
 logger = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ def attempt_cdc(run: TableRun) -> None:
         with run.locked():
             shape = run.describe(key_for="mode cdc")
             name = replication_name(run.names.target_text, run.tgt.info.dbname)
-            stored = read_watermark(run.tgt, run.names.target_text)
+            stored = read_watermark(run.tgt, run.names.target_text, cdc=True)
             run.tgt.commit()
             report.watermark_before = stored
             reason = None if stored is None else _why_full_copy(run, name, stored, shape)
@@ -583,8 +583,8 @@ def drop_replication(source_dsn: str, target_dsn: str, configured_targets: Itera
                      dry_run: bool = False) -> list[str]:
     """Drop the slot and publication of every CDC table this warehouse synced that is no longer configured.
 
-    Returns what it dropped (or would drop); forgets the table's stored position, so adding the
-    table back starts with a full copy.
+    Returns what it dropped (or would drop); forgets the table's stored CDC position, so adding the
+    table back with mode cdc starts with a full copy.
     """
     keep = set(configured_targets)
     done: list[str] = []
@@ -601,6 +601,6 @@ def drop_replication(source_dsn: str, target_dsn: str, configured_targets: Itera
                         (name,))
             src.execute(sql.SQL("drop publication if exists {}").format(sql.Identifier(name)))
             with tgt.transaction():
-                forget_state(tgt, target_table)
+                forget_replication(tgt, target_table)
             logger.info("dropped the replication slot and publication %s of %s", name, target_table)
     return done

@@ -119,6 +119,9 @@ class TableConfig:
         if isinstance(self.parallel, bool) or not isinstance(self.parallel, int) or self.parallel < 1:
             raise ConfigError(f"parallel must be a whole number of key ranges, at least 1 (such as parallel: 4), "
                               f"not {self.parallel!r}", table=self.name)
+        if self.mode == "cdc" and self.parallel > 1:
+            raise ConfigError("mode cdc copies its first load in one stream from the replication slot's snapshot; "
+                              "remove parallel", table=self.name)
         # An incremental table with `parallel` splits only its full copies (the first load).
         if self.retries < 0 or self.validation_ranges < 1:
             raise ConfigError("retries must be >= 0 and validation_ranges >= 1", table=self.name)

@@ -129,17 +129,22 @@ def run_lock_key(target: str) -> str:
     return f"copy_engine:{target}"
 
 
-def read_watermark(conn: psycopg.Connection, target: str) -> str | None:
+def read_watermark(conn: psycopg.Connection, target: str, *, cdc: bool = False) -> str | None:
+    """The stored watermark: a cursor value, or with `cdc` the source position a CDC run applied.
+
+    Each kind reads only its own: after a change of mode the run starts without one.
+    """
     row = conn.execute(
-        sql.SQL("select watermark from {} where target_table = %s").format(
-            SYNC_STATE), (target,)).fetchone()
+        sql.SQL("select watermark from {} where target_table = %s and (mode = 'cdc') = %s").format(
+            SYNC_STATE), (target, cdc)).fetchone()
     return None if row is None else row[0]
 
 
 def write_state(conn: psycopg.Connection, report: SyncReport, cursor_column: str | None, *,
                 replication_slot: str | None = None) -> None:
     """Record the watermark (for CDC: the source position applied, and its slot); called inside the data
-    transaction so both commit or neither."""
+    transaction so both commit or neither. A slot once recorded is kept when the table changes mode,
+    so that `drop-replication` still finds it."""
     conn.execute(
         sql.SQL(
             """insert into {} as s (target_table, table_name, source, mode, cursor_column, watermark,
@@ -149,7 +154,7 @@ def write_state(conn: psycopg.Connection, report: SyncReport, cursor_column: str
                    table_name = excluded.table_name, source = excluded.source, mode = excluded.mode,
                    cursor_column = excluded.cursor_column, watermark = excluded.watermark,
                    last_rows_read = excluded.last_rows_read, synced_at = excluded.synced_at,
-                   replication_slot = excluded.replication_slot"""
+                   replication_slot = coalesce(excluded.replication_slot, s.replication_slot)"""
         ).format(SYNC_STATE),
         (report.target, report.table, report.source, report.mode, cursor_column, report.watermark_after,
          report.rows_read, replication_slot),
@@ -163,8 +168,11 @@ def read_cdc_states(conn: psycopg.Connection) -> list[tuple[str, str, str]]:
     return [(str(a), str(b), str(c)) for a, b, c in rows.fetchall()]
 
 
-def forget_state(conn: psycopg.Connection, target: str) -> None:
-    conn.execute(sql.SQL("delete from {} where target_table = %s").format(SYNC_STATE), (target,))
+def forget_replication(conn: psycopg.Connection, target: str) -> None:
+    """After its slot is dropped: no slot recorded, and no CDC position (a CDC run starts with a full copy)."""
+    conn.execute(sql.SQL("update {} set replication_slot = null, "
+                         "watermark = case when mode = 'cdc' then null else watermark end "
+                         "where target_table = %s").format(SYNC_STATE), (target,))
 
 
 _RUN_COLUMNS = ("table_name", "source", "target_table", "mode", "status", "started_at", "finished_at", "rows_read",

@@ -358,6 +358,8 @@ def test_config_refuses_what_cdc_cannot_do() -> None:
         TableConfig(name="t", mode="cdc", where="id > 1")
     with pytest.raises(Exception, match="delete_detection soft is not supported"):
         TableConfig(name="t", mode="cdc", delete_detection="soft")
+    with pytest.raises(Exception, match="remove parallel"):
+        TableConfig(name="t", mode="cdc", parallel=4)
 
 
 def test_pipeline_health_shows_the_slots_wal_and_flags_it_past_the_limit(logical_pg18: PostgresServer,
@@ -400,3 +402,27 @@ def test_replica_identity_full_with_a_configured_key_and_a_truncate(cdc_pair: Pa
     truncated = sync_table(pair.source, pair.target, table)
     assert (truncated.rows_inserted, truncated.rows_deleted) == (1, 45)
     assert_same(pair)
+
+
+def test_a_table_switched_from_cdc_to_incremental_keeps_its_slot_for_drop_replication(
+        logical_pg18: PostgresServer) -> None:
+    pair = new_pair(logical_pg18)
+    try:
+        pair.run(pair.source, _CREATE)
+        sync_table(pair.source, pair.target, TABLE)
+        pair.run(pair.source, "update items set qty = 1000 where id = 1")
+        incremental = TABLE.with_overrides(mode="incremental", cursor_column="qty")
+        report = sync_table(pair.source, pair.target, incremental)
+        assert report.watermark_before is None and report.watermark_after == "1000"  # not the slot's position
+        assert_same(pair)
+        config = parse_config({"tables": [{"name": "items", "source": "public.items", "target": "raw.items",
+                                           "mode": "incremental", "cursor_column": "qty"}]})
+        assert len(drop_unconfigured_replication(pair.source, pair.target, config)) == 1
+        assert slot_of(pair) is None
+        assert pair.rows(pair.target, "select watermark, replication_slot from _copy_engine.sync_state") == [
+            ("1000", None)]
+        back = sync_table(pair.source, pair.target, TABLE)  # back to cdc: a new slot and a full copy
+        assert back.watermark_before is None and slot_of(pair) is not None
+        assert_same(pair)
+    finally:
+        drop_pair(pair)
