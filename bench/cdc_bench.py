@@ -89,6 +89,8 @@ def measure(source_admin: str, target_admin: str, args: argparse.Namespace) -> d
         sync_table(source, target, config)
 
     def timed(config: TableConfig) -> tuple[float, SyncReport]:
+        # Both servers quiet: an autovacuum of the source table writes WAL the slot must read through.
+        settle(source)
         settle(target)
         started = time.perf_counter()
         report = sync_table(source, target, config)
