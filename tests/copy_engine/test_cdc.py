@@ -23,6 +23,7 @@ import psycopg
 import pytest
 
 from include.copy_engine import SourceError, TableConfig, _cdc, drop_unconfigured_replication, parse_config, sync_table
+from include.ingestion import asset_event_extra
 from include.local_stack.postgres import EmbeddedPostgres, free_port
 from tests.conftest import PostgresServer
 from tests.copy_engine.conftest import Pair
@@ -152,6 +153,9 @@ def test_inserts_updates_deletes_toast_and_rollbacks_arrive_exactly(cdc_pair: Pa
                                    "watermark_after from _copy_engine.sync_runs order by run_id desc limit 1")
     assert audit == [("cdc", 10, 14, 6, first.watermark_after, second.watermark_after)]
     assert "[cdc] success" in second.summary() and "deleted 6" in second.summary()
+    extra = asset_event_extra(second)
+    assert (extra["mode"], extra["rows_updated"], extra["watermark_after"]) == ("cdc", 14, second.watermark_after)
+    assert extra["slot_retained_wal_bytes"] == second.slot_retained_wal_bytes > 0
 
     # Within one batch: an insert then an update leaving its TOASTed value unchanged, a key moved with
     # its TOASTed value unchanged, a TOASTed row's other column changed, then a truncate-free quiet run.
