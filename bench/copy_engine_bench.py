@@ -1,28 +1,37 @@
 """Copy engine benchmark: ratios against a `psql \\copy` binary pipe measured in the same run.
 
-    .venv/bin/python bench/copy_engine_bench.py                 # 2M rows, 3 alternating runs
-    .venv/bin/python bench/copy_engine_bench.py --rows 200000   # a quick look
-    .venv/bin/python bench/copy_engine_bench.py --rows 20000000 --memory-only   # peak RSS at 20M rows
+    .venv/bin/python -m bench.copy_engine_bench                 # 2M rows, 3 alternating runs
+    .venv/bin/python -m bench.copy_engine_bench --rows 200000   # a quick look
+    .venv/bin/python -m bench.copy_engine_bench --rows 20000000 --memory-only   # peak RSS at 20M rows
+    .venv/bin/python -m bench.copy_engine_bench --server postgresql://postgres@127.0.0.1:5432/postgres
 
-Starts a throwaway embedded PostgreSQL, generates a mixed-type table in a source database and copies
-it into a warehouse database on the same server. Engine runs are timed in-process
+Starts a throwaway embedded PostgreSQL 18 (or uses the server of `--server`, an admin DSN, where it
+creates two databases and drops them at the end), generates a mixed-type table in a source database
+and copies it into a warehouse database on the same server. Engine runs are timed in-process
 (`sync_table`, as the Airflow task calls it); one extra full sync runs as a `python -m
 include.copy_engine` process to measure its peak RSS and its time with interpreter start-up.
-Prints a Markdown table and writes the raw numbers to bench/results/copy_engine.json.
+One more pipe and one more full sync run with a sampler of every process's CPU time (the client
+process, the source and the warehouse backends, psql) and, for the engine, the time of each phase.
+Prints a Markdown table and writes the raw numbers to bench/results/copy_engine_pg<major>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -30,7 +39,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from include.copy_engine import TableConfig, sync_table, validate_table  # noqa: E402
+from include.copy_engine import TableConfig, _run, _sync, sync_table, validate_table  # noqa: E402
 from include.local_stack.postgres import EmbeddedPostgres, _bin_dir, create_database, free_port  # noqa: E402
 
 TABLE_DDL = """
@@ -95,6 +104,99 @@ def settle(dsn: str) -> None:
     os.sync()  # the kernel's writeback of those pages would otherwise land on the next run
 
 
+class CpuSampler:
+    """CPU seconds (user + system) of the server's processes and of psql, sampled every 50 ms.
+
+    A backend's last sample is taken at most 50 ms before it exits. Processes are grouped by what
+    their title names: the source database, the warehouse database, psql, or the server itself.
+    """
+
+    def __init__(self, source_db: str, target_db: str) -> None:
+        self.groups = {source_db: "source backend", target_db: "warehouse backend"}
+        self.latest: dict[int, tuple[str, float]] = {}
+        self.ticks = os.sysconf("SC_CLK_TCK")
+        self.stop = threading.Event()
+
+    def _sample(self) -> None:
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                    command, fields = stat.read().split(b" (", 1)[1].rsplit(b") ", 1)
+                if command not in (b"postgres", b"psql"):
+                    continue
+                with open(f"/proc/{entry.name}/cmdline", "rb") as cmdline:
+                    title = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
+            except (OSError, ValueError):
+                continue
+            values = fields.split()
+            pid, seconds = int(entry.name), (int(values[11]) + int(values[12])) / self.ticks
+            group = "psql" if command == b"psql" else next(
+                (label for name, label in self.groups.items() if f" {name} " in title), "server processes")
+            self.latest[pid] = (group, seconds)
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            self._sample()
+            time.sleep(0.05)
+
+    @contextmanager
+    def measuring(self) -> Iterator[dict[str, float]]:
+        """Yields a dict filled, when the block ends, with CPU seconds per group and this process's."""
+        found: dict[str, float] = {}
+        self._sample()
+        before = {pid: seconds for pid, (_, seconds) in self.latest.items()}  # a process started later: from 0
+        thread = threading.Thread(target=self._loop, daemon=True)
+        own = time.process_time()
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.stop.clear()
+        thread.start()
+        try:
+            yield found
+        finally:
+            self.stop.set()
+            thread.join()
+            self._sample()
+            found["client (this Python process)"] = round(time.process_time() - own, 2)
+            spent: dict[str, float] = defaultdict(float)
+            for pid, (group, seconds) in self.latest.items():
+                spent[group] += seconds - before.get(pid, 0.0)
+            found.update({group: round(value, 2) for group, value in spent.items()})
+            # psql runs as a child: its own accounting is exact, where the sampler may miss its last 50 ms.
+            ended = resource.getrusage(resource.RUSAGE_CHILDREN)
+            psql = ended.ru_utime + ended.ru_stime - children.ru_utime - children.ru_stime
+            if psql > 0:
+                found["psql"] = round(psql, 2)
+
+
+@contextmanager
+def engine_phases() -> Iterator[dict[str, float]]:
+    """Seconds a full sync spends in each phase, timed by wrapping the engine's steps."""
+    spent: dict[str, float] = defaultdict(float)
+    steps = [(_run.TableRun, "rows_before", "compare keys with the target's"),
+             (_run.TableRun, "add_primary_key", "build the primary key"),
+             (_run.TableRun, "replace_rows", "replace rows (all of it)"), (_sync, "stream", "COPY stream")]
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in steps]
+
+    def timed(function: Callable[..., object], label: str) -> Callable[..., object]:
+        def wrapper(*args: object, **kwargs: object) -> object:
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[label] += time.perf_counter() - started
+        return wrapper
+
+    for (owner, name, label), (_, _, original) in zip(steps, originals, strict=True):
+        setattr(owner, name, timed(original, label))
+    try:
+        yield spent
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+
+
 def median_of(label: str, runs: list[float]) -> float:
     value = statistics.median(runs)
     print(f"  {label}: {', '.join(f'{r:.2f}' for r in runs)} -> median {value:.2f}s", file=sys.stderr)
@@ -109,14 +211,29 @@ def main() -> None:
                         help="rows for the pandas read_sql/to_sql reference, scaled linearly to --rows")
     parser.add_argument("--memory-only", action="store_true",
                         help="only generate the table and run one full sync as a CLI process: time and peak RSS")
+    parser.add_argument("--server", metavar="ADMIN_DSN",
+                        help="an existing server to measure on (its databases copy_engine_bench_source and "
+                             "copy_engine_bench_warehouse are created and dropped); default: a throwaway embedded "
+                             "PostgreSQL 18")
     args = parser.parse_args()
-    psql = str(_bin_dir() / "psql")
-    with tempfile.TemporaryDirectory(prefix="copy_engine_bench_") as workdir:
-        server = EmbeddedPostgres(Path(workdir) / "data", free_port(), throwaway=True).start()
+    psql = str(_bin_dir() / "psql")  # psql 18 talks to older servers too
+
+    def run_on(admin_dsn: str) -> dict[str, object]:
+        return measure_memory(admin_dsn, args) if args.memory_only else measure(admin_dsn, psql, args)
+
+    if args.server:
         try:
-            results = measure_memory(server.dsn(), args) if args.memory_only else measure(server.dsn(), psql, args)
+            results = run_on(args.server)
         finally:
-            server.stop()
+            for name in DATABASES:
+                execute(args.server, f'drop database if exists "{name}" with (force)')
+    else:
+        with tempfile.TemporaryDirectory(prefix="copy_engine_bench_") as workdir:
+            server = EmbeddedPostgres(Path(workdir) / "data", free_port(), throwaway=True).start()
+            try:
+                results = run_on(server.dsn())
+            finally:
+                server.stop()
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     if args.memory_only:
@@ -124,13 +241,16 @@ def main() -> None:
         (out / f"copy_engine_memory_{args.rows}.json").write_text(json.dumps(results, indent=2))
         return
     print_table(results)
-    (out / "copy_engine.json").write_text(json.dumps(results, indent=2))
+    major = str(results["machine"]["postgres"]).split(".")[0]  # type: ignore[index]
+    (out / f"copy_engine_pg{major}.json").write_text(json.dumps(results, indent=2))
+
+
+DATABASES = ("copy_engine_bench_source", "copy_engine_bench_warehouse")
 
 
 def generate(admin_dsn: str, rows: int) -> tuple[str, str, float]:
     """The source table with `rows` rows and an empty warehouse; returns both DSNs and the seconds taken."""
-    source = create_database(admin_dsn, "bench_source")
-    target = create_database(admin_dsn, "bench_warehouse")
+    source, target = (create_database(admin_dsn, name, drop_existing=True) for name in DATABASES)
     print(f"generating {rows} rows ...", file=sys.stderr)
     started = time.perf_counter()
     execute(source, TABLE_DDL)
@@ -167,12 +287,22 @@ def measure(admin_dsn: str, psql: str, args: argparse.Namespace) -> dict[str, ob
     with psycopg.connect(source) as conn:
         table_bytes = conn.execute("select pg_total_relation_size('public.bench')").fetchone()[0]
         server_version = conn.execute("show server_version").fetchone()[0]
+        wal_level = conn.execute("show wal_level").fetchone()[0]
     # The pipe's target: the same columns and primary key, created empty.
     execute(target, TABLE_DDL.replace("public.bench", "raw.bench_pipe"))
 
-    def pipe(source_table: str) -> float:
+    def pipe(source_table: str, watch: CpuSampler | None = None) -> float:
         execute(target, "truncate raw.bench_pipe")
         settle(target)
+        with watch.measuring() if watch else contextlib.nullcontext({}) as cpu:
+            elapsed = pipe_run(source_table)
+        if watch:
+            profiles["pipe"] = {"seconds": round(elapsed, 2), "cpu_s": cpu}
+        return elapsed
+
+    profiles: dict[str, dict[str, object]] = {}
+
+    def pipe_run(source_table: str) -> float:
         started = time.perf_counter()
         out = subprocess.Popen([psql, "-X", "-q", "-d", source, "-c",
                                 rf"\copy {source_table} to pstdout (format binary)"], stdout=subprocess.PIPE)
@@ -202,6 +332,19 @@ def measure(admin_dsn: str, psql: str, args: argparse.Namespace) -> dict[str, ob
         action()
         return time.perf_counter() - started
 
+    def profile_full(table: TableConfig, watch: CpuSampler) -> None:
+        """One more full sync, its CPU per process and its time per phase."""
+        settle(target)
+        with watch.measuring() as cpu, engine_phases() as phases:
+            started = time.perf_counter()
+            sync_table(source, target, table)
+            elapsed = time.perf_counter() - started
+        replace = phases.pop("replace rows (all of it)")
+        phases["lock, drop the key, truncate"] = replace - sum(phases.values())
+        phases["before and after: connect, describe, prepare, commit, audit"] = elapsed - replace
+        profiles["full"] = {"seconds": round(elapsed, 2), "cpu_s": cpu,
+                            "phases_s": {name: round(value, 2) for name, value in phases.items()}}
+
     def full(table: TableConfig) -> float:
         return timed(lambda: sync_table(source, target, table))
 
@@ -223,6 +366,10 @@ def measure(admin_dsn: str, psql: str, args: argparse.Namespace) -> dict[str, ob
         runs["full_parallel"].append(full(parallel_table))
         runs["pipe_shuffled"].append(pipe("public.bench_shuffled"))
         runs["full_shuffled"].append(full(shuffled_table))
+    sampler = CpuSampler(*DATABASES)
+    pipe("public.bench", watch=sampler)
+    profile_full(full_table, sampler)
+    print(f"  profile: {json.dumps(profiles)}", file=sys.stderr)
     pipe_s = median_of("psql binary pipe", runs["pipe"])
     full_s = median_of("engine full sync", runs["full"])
     full_empty_s = median_of("engine full sync into an empty table", runs["full_empty"])
@@ -278,7 +425,7 @@ def measure(admin_dsn: str, psql: str, args: argparse.Namespace) -> dict[str, ob
     return {
         "rows": args.rows, "table_mb": round(table_bytes / 2**20), "repeat": args.repeat,
         "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "postgres": server_version},
+                    "postgres": server_version, "wal_level": wal_level},
         "seconds": {"pipe": pipe_s, "full": full_s, "full_empty": full_empty_s, "full_parallel": full_parallel_s,
                     "pipe_shuffled": pipe_shuffled_s,
                     "full_shuffled": full_shuffled_s,
@@ -286,7 +433,7 @@ def measure(admin_dsn: str, psql: str, args: argparse.Namespace) -> dict[str, ob
                     "naive_scaled": naive_s, **upsert},
         "runs": {**runs, "validate": validate_runs, "incremental": incremental_runs,
                  "incremental_deletes": delete_runs},
-        "peak_rss_mb": peak_rss, "cli_full_s": cli_s, "generate_s": round(generate_s, 1),
+        "peak_rss_mb": peak_rss, "cli_full_s": cli_s, "generate_s": round(generate_s, 1), "profile": profiles,
         "naive_rows": min(args.naive_rows, args.rows),
     }
 
@@ -374,6 +521,20 @@ def print_table(results: dict[str, object]) -> None:
     print(f"| engine full sync as a CLI process (with interpreter start-up) | {results['cli_full_s']:.2f} | "
           f"{results['cli_full_s'] / pipe:.2f} × pipe | |")
     print(f"| engine peak RSS (CLI process) | {results['peak_rss_mb']:.0f} MB | | ≤ 150 MB |")
+    profiles = results.get("profile")
+    if isinstance(profiles, dict) and profiles:
+        print(f"\nOne more run of each, CPU seconds per process group (wal_level {machine.get('wal_level')}):\n")
+        groups = sorted({group for profile in profiles.values() for group in profile["cpu_s"]})
+        print("| run | wall s | " + " | ".join(groups) + " |")
+        print("|---|---:|" + "---:|" * len(groups))
+        for name, profile in profiles.items():
+            cpu = profile["cpu_s"]
+            print(f"| {name} | {profile['seconds']:.2f} | "
+                  + " | ".join(f"{cpu.get(group, 0.0):.2f}" for group in groups) + " |")
+        phases = profiles.get("full", {}).get("phases_s", {})
+        if phases:
+            print("\nThe engine's full sync by phase (seconds): "
+                  + ", ".join(f"{name} {value:.2f}" for name, value in phases.items()))
 
 
 if __name__ == "__main__":

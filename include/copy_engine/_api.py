@@ -77,7 +77,8 @@ def sync_table(
 
 def _reset_counts(report: SyncReport) -> None:
     """Before a retry: what the failed attempt counted. Schema changes it committed stay reported."""
-    report.rows_read = report.rows_inserted = report.rows_updated = report.rows_deleted = report.bytes = 0
+    report.rows_read = report.rows_inserted = report.rows_updated = report.rows_deleted = report.rows_replaced = 0
+    report.bytes = 0
     report.watermark_before = report.watermark_after = None
     report.validation = ValidationResult.skipped_result()
 
