@@ -20,7 +20,7 @@ import logging
 import re
 import struct
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,7 +156,7 @@ class PgOutputDecoder:
     """
 
     def __init__(self, columns: list[str], key: tuple[str, ...], skip_before: int,
-                 lookup: Any = None) -> None:
+                 lookup: Callable[[tuple[str | None, ...], str], str | None] | None = None) -> None:
         self.columns = columns
         self.index = {name: position for position, name in enumerate(columns)}
         self.key_positions = [self.index[name] for name in key]
@@ -165,7 +165,6 @@ class PgOutputDecoder:
         self.relations: dict[int, _Relation] = {}
         self.changes = Changes()
         self._skipping = False
-        self.last_commit_end = 0
 
     def feed(self, message: bytes) -> None:
         kind = message[:1]
@@ -176,8 +175,6 @@ class PgOutputDecoder:
                 self.changes.skipped_transactions += 1
             return
         if kind == b"C":
-            _, _, end_lsn, _ = struct.unpack_from("!bqqq", message, 1)
-            self.last_commit_end = end_lsn
             if not self._skipping:
                 self.changes.transactions += 1
             self._skipping = False
@@ -214,9 +211,11 @@ class PgOutputDecoder:
                 moved_from = self.changes.rows.get(old_key, KEEP)
                 for column, value in enumerate(row):
                     if value is KEEP:
-                        row[column] = (moved_from[column] if isinstance(moved_from, list)
-                                       and moved_from[column] is not KEEP
-                                       else self.lookup(old_key, self.columns[column]))
+                        if isinstance(moved_from, list) and moved_from[column] is not KEEP:
+                            row[column] = moved_from[column]
+                        else:
+                            assert self.lookup is not None, "a moved key needs the target's row"
+                            row[column] = self.lookup(old_key, self.columns[column])
                 self.changes.rows[old_key] = None
             self._put(row, merge=True)
 
