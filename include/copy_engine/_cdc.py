@@ -156,7 +156,8 @@ class PgOutputDecoder:
     """
 
     def __init__(self, columns: list[str], key: tuple[str, ...], skip_before: int,
-                 lookup: Callable[[tuple[str | None, ...], str], str | None] | None = None) -> None:
+                 lookup: Callable[[tuple[str | None, ...], str], str | None] | None = None,
+                 encoding: str = "utf-8") -> None:
         self.columns = columns
         self.index = {name: position for position, name in enumerate(columns)}
         self.key_positions = [self.index[name] for name in key]
@@ -164,6 +165,8 @@ class PgOutputDecoder:
         self.lookup = lookup
         self.relations: dict[int, _Relation] = {}
         self.changes = Changes()
+        # pgoutput sends values converted to the decoding session's client encoding, as any result
+        self.encoding = encoding
         self._skipping = False
 
     def feed(self, message: bytes) -> None:
@@ -260,7 +263,7 @@ class PgOutputDecoder:
                 value = KEEP
             else:
                 size = struct.unpack_from("!i", message, position)[0]
-                value = message[position + 4:position + 4 + size].decode()
+                value = message[position + 4:position + 4 + size].decode(self.encoding)
                 position += 4 + size
             target = self.index.get(relation.columns[column]) if column < len(relation.columns) else None
             if target is not None:
@@ -467,7 +470,7 @@ def _apply_changes(run: TableRun, name: str, stored: str) -> None:
     # committed asynchronously before `upto` must not be left behind a position stored as applied.
     upto = max(row[0], stored, key=lsn_int)
     decoder = PgOutputDecoder(shape.names, shape.primary_key, lsn_int(stored), lookup=lambda key, column:
-                              _target_value(run, key, column))
+                              _target_value(run, key, column), encoding=src.info.encoding)
     started = time.monotonic()
     for count, message in enumerate(read_changes(src, name, upto), 1):
         decoder.feed(message)

@@ -430,3 +430,27 @@ def test_a_table_switched_from_cdc_to_incremental_keeps_its_slot_for_drop_replic
         assert_same(pair)
     finally:
         drop_pair(pair)
+
+
+def test_a_latin1_source_arrives_exactly(logical_pg18: PostgresServer) -> None:
+    """pgoutput converts values to the session's encoding (UTF8): nothing is read in the wrong one."""
+    server = logical_pg18
+    name = f"src_latin1_{uuid.uuid4().hex[:8]}"
+    pair = Pair(server, server.admin_dsn.rsplit("/", 1)[0] + f"/{name}", server.new_database("dst"))
+    pair.run(server.admin_dsn, f"create database {name} encoding 'LATIN1' locale 'C' template template0")
+    pair.run(server.admin_dsn, f"alter database {name} set synchronous_commit = on")
+    try:
+        pair.run(pair.source, "create table items (id int primary key, name text, qty int, big text);"
+                              "insert into items values (1, 'café', 1, null), (2, 'ñandú', 2, null)")
+        # Validation hashes each side's text in its own encoding, so it cannot compare LATIN1 with UTF8.
+        table = TABLE.with_overrides(validate=False)
+        sync_table(pair.source, pair.target, table)
+        pair.run(pair.source, "update items set name = 'über ÿ' where id = 1;"
+                              "insert into items values (3, 'Ø', 3, null)")
+        report = sync_table(pair.source, pair.target, table)
+        assert (report.rows_inserted, report.rows_updated) == (1, 1)
+        query = "select id, name from {} order by id"
+        assert pair.rows(pair.target, query.format("raw.items")) == pair.rows(pair.source, query.format("items")) == [
+            (1, "über ÿ"), (2, "ñandú"), (3, "Ø")]
+    finally:
+        drop_pair(pair)
