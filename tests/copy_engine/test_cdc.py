@@ -22,7 +22,15 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from include.copy_engine import SourceError, TableConfig, _cdc, drop_unconfigured_replication, parse_config, sync_table
+from include.copy_engine import (
+    SourceError,
+    SyncReport,
+    TableConfig,
+    _cdc,
+    drop_unconfigured_replication,
+    parse_config,
+    sync_table,
+)
 from include.ingestion import asset_event_extra
 from include.local_stack.postgres import EmbeddedPostgres, free_port
 from tests.conftest import PostgresServer
@@ -42,30 +50,27 @@ class SystemPostgres(EmbeddedPostgres):
                               timeout=timeout, user=self._run_as, cwd="/")
 
 
-def _logical(server: EmbeddedPostgres) -> EmbeddedPostgres:
+def logical(name: str, server: EmbeddedPostgres) -> Iterator[PostgresServer]:
+    """Start the server, switch it to wal_level = logical (ALTER SYSTEM and a restart), stop it afterwards."""
     server.start()
-    with psycopg.connect(server.dsn(), autocommit=True) as conn:
-        conn.execute("alter system set wal_level = logical")
-    server.stop()
-    return server.start()
+    try:
+        with psycopg.connect(server.dsn(), autocommit=True) as conn:
+            conn.execute("alter system set wal_level = logical")
+        server.stop()
+        server.start()
+        yield PostgresServer(name, server.dsn())
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
 def logical_pg18(server_dirs: Callable[[str], Path]) -> Iterator[PostgresServer]:
-    server = _logical(EmbeddedPostgres(server_dirs("pg18-cdc") / "data", free_port(), throwaway=True))
-    try:
-        yield PostgresServer("pg18", server.dsn())
-    finally:
-        server.stop()
+    yield from logical("pg18", EmbeddedPostgres(server_dirs("pg18-cdc") / "data", free_port(), throwaway=True))
 
 
 @pytest.fixture(scope="module")
 def logical_pg15(server_dirs: Callable[[str], Path]) -> Iterator[PostgresServer]:
-    server = _logical(SystemPostgres(server_dirs("pg15-cdc") / "data", free_port(), throwaway=True))
-    try:
-        yield PostgresServer("pg15", server.dsn())
-    finally:
-        server.stop()
+    yield from logical("pg15", SystemPostgres(server_dirs("pg15-cdc") / "data", free_port(), throwaway=True))
 
 
 def new_pair(server: PostgresServer) -> Pair:
@@ -87,6 +92,13 @@ def drop_pair(pair: Pair) -> None:
     pair.server.drop_database(pair.target)
 
 
+@pytest.fixture
+def pg18_pair(logical_pg18: PostgresServer) -> Iterator[Pair]:
+    pair = new_pair(logical_pg18)
+    yield pair
+    drop_pair(pair)
+
+
 @pytest.fixture(params=["logical_pg18", "logical_pg15"])
 def cdc_pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
     pair = new_pair(request.getfixturevalue(request.param))
@@ -101,6 +113,12 @@ alter table items alter column big set storage external;
 insert into items select g, 'item ' || g, g, case when g % 10 = 0 then repeat(md5(g::text), 200) end
 from generate_series(1, 100) as g;
 """
+
+
+def first_copy(pair: Pair) -> SyncReport:
+    """The 100-row items table at the source, copied by a first CDC run."""
+    pair.run(pair.source, _CREATE)
+    return sync_table(pair.source, pair.target, TABLE)
 
 
 def checksum(dsn: str, table: str) -> tuple[int, str]:
@@ -123,8 +141,7 @@ def slot_of(pair: Pair) -> dict[str, object] | None:
 
 def test_inserts_updates_deletes_toast_and_rollbacks_arrive_exactly(cdc_pair: Pair) -> None:
     pair = cdc_pair
-    pair.run(pair.source, _CREATE)
-    first = sync_table(pair.source, pair.target, TABLE)
+    first = first_copy(pair)
     assert (first.mode, first.rows_inserted, first.validation.match) == ("cdc", 100, True)
     assert first.watermark_before is None and first.watermark_after
     assert slot_of(pair) is not None
@@ -176,8 +193,7 @@ def test_inserts_updates_deletes_toast_and_rollbacks_arrive_exactly(cdc_pair: Pa
 def test_a_crash_between_commit_and_confirmation_replays_without_duplicates(
         cdc_pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
     pair = cdc_pair
-    pair.run(pair.source, _CREATE)
-    sync_table(pair.source, pair.target, TABLE)
+    first_copy(pair)
     pair.run(pair.source, "update items set qty = qty + 1 where id <= 20")
     pair.run(pair.source, "insert into items values (200, 'new', 1, null)")
 
@@ -195,9 +211,8 @@ def test_a_crash_between_commit_and_confirmation_replays_without_duplicates(
     assert_same(pair)
 
 
-def test_sigkill_anywhere_leaves_old_or_new_state_and_the_next_run_converges(logical_pg18: PostgresServer) -> None:
-    server = logical_pg18
-    pair = new_pair(server)
+def test_sigkill_anywhere_leaves_old_or_new_state_and_the_next_run_converges(pg18_pair: Pair) -> None:
+    pair = pg18_pair
     pair.run(pair.source, "create table items (id int primary key, name text, qty int, big text);"
                           "insert into items select g, 'item ' || g, g, null from generate_series(1, 20000) as g")
     sync_table(pair.source, pair.target, TABLE)
@@ -235,13 +250,11 @@ def test_sigkill_anywhere_leaves_old_or_new_state_and_the_next_run_converges(log
         if after_kill == new:
             assert (report.rows_inserted, report.rows_updated, report.rows_deleted) == (0, 0, 0)
     assert "old" in outcomes, outcomes  # some kills landed before the commit
-    drop_pair(pair)
 
 
 def test_a_dropped_slot_is_named_and_the_table_copied_again(cdc_pair: Pair) -> None:
     pair = cdc_pair
-    pair.run(pair.source, _CREATE)
-    sync_table(pair.source, pair.target, TABLE)
+    first_copy(pair)
     slot = slot_of(pair)
     assert slot is not None
     pair.run(pair.source, "select pg_drop_replication_slot(%s)", (slot["slot_name"],))
@@ -255,8 +268,7 @@ def test_a_dropped_slot_is_named_and_the_table_copied_again(cdc_pair: Pair) -> N
 
 def test_an_invalidated_slot_is_named_and_the_table_copied_again(cdc_pair: Pair) -> None:
     pair = cdc_pair
-    pair.run(pair.source, _CREATE)
-    sync_table(pair.source, pair.target, TABLE)
+    first_copy(pair)
     pair.run(pair.source, "update items set qty = -1 where id = 1")
     admin = pair.server.admin_dsn
     pair.run(admin, "alter system set max_slot_wal_keep_size = '1MB'")
@@ -281,8 +293,7 @@ def test_an_invalidated_slot_is_named_and_the_table_copied_again(cdc_pair: Pair)
 
 def test_a_new_source_column_copies_again_and_a_dropped_one_is_kept(cdc_pair: Pair) -> None:
     pair = cdc_pair
-    pair.run(pair.source, _CREATE)
-    sync_table(pair.source, pair.target, TABLE)
+    first_copy(pair)
     pair.run(pair.source, "alter table items add column color text default 'red'")
     added = sync_table(pair.source, pair.target, TABLE)
     assert any("new column(s) color" in note for note in added.notes)
@@ -327,9 +338,8 @@ def test_missing_requirements_are_named_together_and_nothing_is_created(pg15: Po
             conn.execute(f"drop role if exists {role}")
 
 
-def test_the_slot_of_a_table_taken_out_of_the_configuration_is_dropped(logical_pg18: PostgresServer) -> None:
-    server = logical_pg18
-    pair = new_pair(server)
+def test_the_slot_of_a_table_taken_out_of_the_configuration_is_dropped(pg18_pair: Pair) -> None:
+    pair = pg18_pair
     pair.run(pair.source, _CREATE + "create table others (id int primary key)")
     sync_table(pair.source, pair.target, TABLE)
     kept = TableConfig(name="others", source="public.others", target="raw.others", mode="cdc")
@@ -349,7 +359,6 @@ def test_the_slot_of_a_table_taken_out_of_the_configuration_is_dropped(logical_p
     slots = pair.rows(pair.source, "select slot_name from pg_replication_slots where database = current_database()")
     publications = pair.rows(pair.source, "select pubname from pg_publication")
     assert len(slots) == 1 and slots == publications and "others" in str(slots[0][0])
-    drop_pair(pair)
 
 
 def _write_config(path: Path) -> Path:
@@ -366,28 +375,23 @@ def test_config_refuses_what_cdc_cannot_do() -> None:
         TableConfig(name="t", mode="cdc", parallel=4)
 
 
-def test_pipeline_health_shows_the_slots_wal_and_flags_it_past_the_limit(logical_pg18: PostgresServer,
-                                                                        tmp_path: Path) -> None:
-    pair = new_pair(logical_pg18)
-    try:
-        pair.run(pair.source, _CREATE)
-        sync_table(pair.source, pair.target, TABLE)
-        pair.run(pair.source, "update items set qty = 0")
-        report = sync_table(pair.source, pair.target, TABLE)
-        assert report.slot_retained_wal_bytes is not None and report.slot_retained_wal_bytes > 0
-        assert report.slot_lag_bytes is not None and 0 <= report.slot_lag_bytes <= report.slot_retained_wal_bytes
-        run_dbt(["build", "--select", "stg_sync_runs", "pipeline_health"], dsn=pair.target, work_dir=tmp_path)
-        [health] = fetch(pair.target, "select * from marts.pipeline_health")
-        assert (health["slot_retained_wal_bytes"], health["slot_lag_bytes"], health["is_slot_wal_over_limit"]) == (
-            report.slot_retained_wal_bytes, report.slot_lag_bytes, False)
-        over = subprocess.run(
-            [str(DBT), "build", "--select", "pipeline_health", "--vars", "{cdc_slot_wal_alert_bytes: 0}",
-             "--project-dir", str(DBT_PROJECT), "--profiles-dir", str(DBT_PROJECT),
-             "--target-path", str(tmp_path / "target"), "--log-path", str(tmp_path / "logs")],
-            env=dbt_env(pair.target), capture_output=True, text=True, cwd=tmp_path, check=False)
-        assert over.returncode != 0 and "is_slot_wal_over_limit" in over.stdout, over.stdout[-3000:]
-    finally:
-        drop_pair(pair)
+def test_pipeline_health_shows_the_slots_wal_and_flags_it_past_the_limit(pg18_pair: Pair, tmp_path: Path) -> None:
+    pair = pg18_pair
+    first_copy(pair)
+    pair.run(pair.source, "update items set qty = 0")
+    report = sync_table(pair.source, pair.target, TABLE)
+    assert report.slot_retained_wal_bytes is not None and report.slot_retained_wal_bytes > 0
+    assert report.slot_lag_bytes is not None and 0 <= report.slot_lag_bytes <= report.slot_retained_wal_bytes
+    run_dbt(["build", "--select", "stg_sync_runs", "pipeline_health"], dsn=pair.target, work_dir=tmp_path)
+    [health] = fetch(pair.target, "select * from marts.pipeline_health")
+    assert (health["slot_retained_wal_bytes"], health["slot_lag_bytes"], health["is_slot_wal_over_limit"]) == (
+        report.slot_retained_wal_bytes, report.slot_lag_bytes, False)
+    over = subprocess.run(
+        [str(DBT), "build", "--select", "pipeline_health", "--vars", "{cdc_slot_wal_alert_bytes: 0}",
+         "--project-dir", str(DBT_PROJECT), "--profiles-dir", str(DBT_PROJECT),
+         "--target-path", str(tmp_path / "target"), "--log-path", str(tmp_path / "logs")],
+        env=dbt_env(pair.target), capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert over.returncode != 0 and "is_slot_wal_over_limit" in over.stdout, over.stdout[-3000:]
 
 
 def test_replica_identity_full_with_a_configured_key_and_a_truncate(cdc_pair: Pair) -> None:
@@ -408,28 +412,23 @@ def test_replica_identity_full_with_a_configured_key_and_a_truncate(cdc_pair: Pa
     assert_same(pair)
 
 
-def test_a_table_switched_from_cdc_to_incremental_keeps_its_slot_for_drop_replication(
-        logical_pg18: PostgresServer) -> None:
-    pair = new_pair(logical_pg18)
-    try:
-        pair.run(pair.source, _CREATE)
-        sync_table(pair.source, pair.target, TABLE)
-        pair.run(pair.source, "update items set qty = 1000 where id = 1")
-        incremental = TABLE.with_overrides(mode="incremental", cursor_column="qty")
-        report = sync_table(pair.source, pair.target, incremental)
-        assert report.watermark_before is None and report.watermark_after == "1000"  # not the slot's position
-        assert_same(pair)
-        config = parse_config({"tables": [{"name": "items", "source": "public.items", "target": "raw.items",
-                                           "mode": "incremental", "cursor_column": "qty"}]})
-        assert len(drop_unconfigured_replication(pair.source, pair.target, config)) == 1
-        assert slot_of(pair) is None
-        assert pair.rows(pair.target, "select watermark, replication_slot from _copy_engine.sync_state") == [
-            ("1000", None)]
-        back = sync_table(pair.source, pair.target, TABLE)  # back to cdc: a new slot and a full copy
-        assert back.watermark_before is None and slot_of(pair) is not None
-        assert_same(pair)
-    finally:
-        drop_pair(pair)
+def test_a_table_switched_from_cdc_to_incremental_keeps_its_slot_for_drop_replication(pg18_pair: Pair) -> None:
+    pair = pg18_pair
+    first_copy(pair)
+    pair.run(pair.source, "update items set qty = 1000 where id = 1")
+    incremental = TABLE.with_overrides(mode="incremental", cursor_column="qty")
+    report = sync_table(pair.source, pair.target, incremental)
+    assert report.watermark_before is None and report.watermark_after == "1000"  # not the slot's position
+    assert_same(pair)
+    config = parse_config({"tables": [{"name": "items", "source": "public.items", "target": "raw.items",
+                                       "mode": "incremental", "cursor_column": "qty"}]})
+    assert len(drop_unconfigured_replication(pair.source, pair.target, config)) == 1
+    assert slot_of(pair) is None
+    assert pair.rows(pair.target, "select watermark, replication_slot from _copy_engine.sync_state") == [
+        ("1000", None)]
+    back = sync_table(pair.source, pair.target, TABLE)  # back to cdc: a new slot and a full copy
+    assert back.watermark_before is None and slot_of(pair) is not None
+    assert_same(pair)
 
 
 def test_a_latin1_source_arrives_exactly(logical_pg18: PostgresServer) -> None:
