@@ -362,15 +362,20 @@ def _target_columns(run: TableRun) -> set[str]:
 
 
 def _ensure_publication(run: TableRun, name: str) -> None:
+    """The table's publication, created if missing; one made beforehand by the table's owner is used as is."""
     src = run.src
     schema_name, relation = run.table.source_schema_table
     with src.transaction():
-        exists = src.execute("select exists (select from pg_publication where pubname = %s)", (name,)).fetchone()
-        if exists and exists[0]:
-            src.execute(sql.SQL("alter publication {} set table {}").format(
-                sql.Identifier(name), sql.Identifier(schema_name, relation)))
-        else:
+        row = src.execute(
+            "select exists (select from pg_publication where pubname = %(name)s), exists (select from "
+            "pg_publication_tables where pubname = %(name)s and schemaname = %(schema)s and tablename = %(table)s)",
+            {"name": name, "schema": schema_name, "table": relation}).fetchone()
+        exists, publishes = row if row else (False, False)
+        if not exists:
             src.execute(sql.SQL("create publication {} for table {}").format(
+                sql.Identifier(name), sql.Identifier(schema_name, relation)))
+        elif not publishes:
+            src.execute(sql.SQL("alter publication {} add table {}").format(
                 sql.Identifier(name), sql.Identifier(schema_name, relation)))
 
 

@@ -453,3 +453,24 @@ def test_a_latin1_source_arrives_exactly(logical_pg18: PostgresServer) -> None:
             (1, "über ÿ"), (2, "ñandú"), (3, "Ø")]
     finally:
         drop_pair(pair)
+
+
+def test_a_replication_role_uses_the_publication_the_owner_created(pg18_pair: Pair) -> None:
+    pair = pg18_pair
+    role = f"cdc_{uuid.uuid4().hex[:8]}"
+    pair.run(pair.source, _CREATE)
+    target_database = psycopg.conninfo.conninfo_to_dict(pair.target)["dbname"]
+    publication = _cdc.replication_name("raw.items", str(target_database))
+    pair.run(pair.source, f"create publication {publication} for table items")
+    pair.run(pair.source, f"create role {role} login replication; grant select on items to {role}")
+    try:
+        as_role = pair.source.replace("postgres@", f"{role}@")
+        sync_table(as_role, pair.target, TABLE)
+        pair.run(pair.source, "update items set qty = -7 where id = 7")
+        report = sync_table(as_role, pair.target, TABLE)
+        assert report.rows_updated == 1
+        assert_same(pair)
+    finally:
+        pair.run(pair.source, "select pg_drop_replication_slot(slot_name) from pg_replication_slots "
+                              "where database = current_database()")
+        pair.run(pair.source, f"drop publication {publication}; drop owned by {role}; drop role {role}")
