@@ -29,6 +29,7 @@ from psycopg import sql
 
 from ._errors import SourceError, TerminalError, TransientError
 from ._keys import key_changes
+from ._report import ValidationResult
 from ._run import TableRun, column_list, import_snapshot, wait_for
 from ._schema import Shape
 from ._state import ensure_state_tables, forget_replication, read_cdc_states, read_watermark, write_state
@@ -498,6 +499,9 @@ def _apply_changes(run: TableRun, name: str, stored: str) -> None:
     logger.info("%s: applied up to %s (inserted %d, updated %d, deleted %d)", table.name, upto,
                 report.rows_inserted, report.rows_updated, report.rows_deleted)
     confirm_position(src, name, upto)
+    if run.validate:
+        # No source snapshot matches the applied position: the summary says "not validated", not "off".
+        report.validation = ValidationResult(match=None)
 
 
 def confirm_position(src: psycopg.Connection, name: str, lsn: str) -> None:

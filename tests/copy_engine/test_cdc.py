@@ -170,6 +170,7 @@ def test_inserts_updates_deletes_toast_and_rollbacks_arrive_exactly(cdc_pair: Pa
                                    "watermark_after from _copy_engine.sync_runs order by run_id desc limit 1")
     assert audit == [("cdc", 10, 14, 6, first.watermark_after, second.watermark_after)]
     assert "[cdc] success" in second.summary() and "deleted 6" in second.summary()
+    assert second.summary().endswith("not validated")
     extra = asset_event_extra(second)
     assert (extra["mode"], extra["rows_updated"], extra["watermark_after"]) == ("cdc", 14, second.watermark_after)
     assert extra["slot_retained_wal_bytes"] == second.slot_retained_wal_bytes > 0
