@@ -80,6 +80,8 @@ def asset_event_extra(report: SyncReport) -> dict[str, Any]:
     keys = ("mode", "rows_read", "rows_inserted", "rows_updated", "rows_deleted", "rows_replaced", "duration_s",
             "watermark_before", "watermark_after")  # fmt: skip
     extra = {key: data[key] for key in keys if key in data}
+    # A CDC table's slot, and anything the run found worth saying (such as a slot found invalidated).
+    extra.update({key: data[key] for key in ("slot_retained_wal_bytes", "slot_lag_bytes", "notes") if data.get(key)})
     validation = data.get("validation") or {}
     extra["validation_match"] = validation.get("match")
     return extra

@@ -9,7 +9,7 @@ See docs/copy_engine.md for the modes, the configuration format and the report.
 
 from __future__ import annotations
 
-from ._api import finish_parallel_copy, sync_table, validate_table
+from ._api import drop_unconfigured_replication, finish_parallel_copy, sync_table, validate_table
 from ._config import EngineConfig, TableConfig, load_config, parse_config
 from ._connect import mask_dsn
 from ._errors import (
@@ -50,6 +50,7 @@ __all__ = [
     "ValidationResult",
     "abandon_parallel_copy",
     "copy_range",
+    "drop_unconfigured_replication",
     "finish_parallel_copy",
     "hold_snapshot",
     "load_config",

@@ -1,4 +1,5 @@
-"""The entry points: `sync_table` (choose the strategy, retry), `validate_table`, `finish_parallel_copy`."""
+"""The entry points: `sync_table` (choose the strategy, retry), `validate_table`, `finish_parallel_copy`,
+`drop_unconfigured_replication`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Any
 
 import psycopg
 
-from ._config import TableConfig
+from ._cdc import attempt_cdc, drop_replication
+from ._config import EngineConfig, TableConfig
 from ._connect import mask_dsn, raise_classified
 from ._errors import ConcurrentRunError, CopyEngineError, TerminalError, TransientError
 from ._parallel import ParallelPlan, as_plan, attempt_ranges, finish_ranges
@@ -44,7 +46,10 @@ def sync_table(
             report.attempts = attempt
             try:
                 try:
-                    if table.parallel <= 1 or not attempt_ranges(run):
+                    if table.mode == "cdc":
+                        report.workers = 1
+                        attempt_cdc(run)
+                    elif table.parallel <= 1 or not attempt_ranges(run):
                         report.workers = 1
                         attempt_stream(run)
                 except psycopg.Error as error:
@@ -114,3 +119,16 @@ def validate_table(source_dsn: str, target_dsn: str, table: TableConfig) -> Vali
             return result
     except psycopg.Error as error:
         raise_classified(error, table=table.name, doing="the validation")
+
+
+def drop_unconfigured_replication(source_dsn: str, target_dsn: str, config: EngineConfig, *,
+                                  dry_run: bool = False) -> list[str]:
+    """Drop the replication slot and publication of each CDC table no longer configured (with mode cdc).
+
+    A slot nobody reads keeps the source's WAL; returns what was dropped (with `dry_run`: would be).
+    """
+    configured = [".".join(table.target_schema_table) for table in config.tables if table.mode == "cdc"]
+    try:
+        return drop_replication(source_dsn, target_dsn, configured, dry_run=dry_run)
+    except psycopg.Error as error:
+        raise_classified(error, table="(cdc cleanup)", doing="dropping replication slots")

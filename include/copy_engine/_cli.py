@@ -1,4 +1,4 @@
-"""`python -m include.copy_engine sync|validate ...`: the last line of standard output is the JSON report."""
+"""`python -m include.copy_engine sync|validate|drop-replication ...`: the last line of standard output is JSON."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ._api import sync_table, validate_table
+from ._api import drop_unconfigured_replication, sync_table, validate_table
 from ._config import TableConfig, load_config
 from ._errors import ConfigError, CopyEngineError
 from ._report import SyncReport
@@ -38,12 +38,19 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--count", help="custom count query for validation")
         command.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
         if name == "sync":
-            command.add_argument("--mode", choices=("full", "incremental"))
+            command.add_argument("--mode", choices=("full", "incremental", "cdc"))
             command.add_argument("--cursor-column")
             command.add_argument("--lookback", help="PostgreSQL interval, such as '1 hour'")
             command.add_argument("--delete-detection", choices=("hard", "soft", "none"))
             command.add_argument("--parallel", type=int, help="workers for a full copy of one large table")
             command.add_argument("--no-validate", action="store_true")
+    drop = commands.add_parser(
+        "drop-replication", help="drop the replication slot and publication of each CDC table no longer configured")
+    drop.add_argument("--source", help=f"source DSN (default ${SOURCE_ENV})")
+    drop.add_argument("--target", help=f"warehouse DSN (default ${TARGET_ENV})")
+    drop.add_argument("--config", required=True, help="YAML table configuration: the tables to keep")
+    drop.add_argument("--dry-run", action="store_true", help="only list what would be dropped")
+    drop.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     return parser
 
 
@@ -90,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "drop-replication":
+        return _drop_replication(args)
     results: list[dict[str, Any]] = []
     failures: list[str] = []
     try:
@@ -129,3 +138,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                               for item in results)}
         print(json.dumps(summary, default=str))
     return 1 if failures else 0
+
+
+def _drop_replication(args: argparse.Namespace) -> int:
+    try:
+        source = _dsn(args.source, SOURCE_ENV, "source", from_config=True)
+        target = _dsn(args.target, TARGET_ENV, "target", from_config=True)
+        dropped = drop_unconfigured_replication(source, target, load_config(args.config), dry_run=args.dry_run)
+    except CopyEngineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        print(json.dumps({"status": "failed", "error": str(error)}))
+        return 1
+    print(json.dumps({"status": "success", "dry_run": args.dry_run, "dropped": dropped}))
+    return 0

@@ -14,10 +14,10 @@ import yaml
 
 from ._errors import ConfigError
 
-Mode = Literal["full", "incremental"]
+Mode = Literal["full", "incremental", "cdc"]
 DeleteDetection = Literal["hard", "soft", "none"]
 
-_MODES = ("full", "incremental")
+_MODES = ("full", "incremental", "cdc")
 _DELETE_DETECTIONS = ("hard", "soft", "none")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
 
@@ -110,9 +110,18 @@ class TableConfig:
                 "mode incremental needs cursor_column (the column such as updated_at that grows on change)",
                 table=self.name,
             )
+        if self.mode == "cdc" and (self.select or self.where):
+            raise ConfigError("mode cdc reads the source table's own changes; it takes no select or where "
+                              "(sync a view of it with mode full or incremental instead)", table=self.name)
+        if self.mode == "cdc" and self.delete_detection == "soft":
+            raise ConfigError("mode cdc applies the source's deletes as deletes; delete_detection soft is not "
+                              "supported with it (leave delete_detection out)", table=self.name)
         if isinstance(self.parallel, bool) or not isinstance(self.parallel, int) or self.parallel < 1:
             raise ConfigError(f"parallel must be a whole number of key ranges, at least 1 (such as parallel: 4), "
                               f"not {self.parallel!r}", table=self.name)
+        if self.mode == "cdc" and self.parallel > 1:
+            raise ConfigError("mode cdc copies its first load in one stream from the replication slot's snapshot; "
+                              "remove parallel", table=self.name)
         # An incremental table with `parallel` splits only its full copies (the first load).
         if self.retries < 0 or self.validation_ranges < 1:
             raise ConfigError("retries must be >= 0 and validation_ranges >= 1", table=self.name)

@@ -205,8 +205,9 @@ def detect_deletes(run: TableRun, sums: KeySums | None = None) -> int:
 
 
 def _key_total(conn: psycopg.Connection, rows: RowSet, checksum: sql.Composable) -> tuple[int, int]:
+    # Parameters (none) make psycopg turn the `%%` escaped in user SQL (a custom where) back into `%`.
     row = conn.execute(sql.SQL("select count(*), coalesce(sum({}), 0) from {} as _rows").format(
-        checksum, rows.query)).fetchone()
+        checksum, rows.query), {}).fetchone()
     return (int(row[0]), int(row[1])) if row else (0, 0)
 
 

@@ -68,6 +68,11 @@ class SyncReport:
     error: str | None = None
     error_type: str | None = None
     run_id: int | None = None  # the run's row in _copy_engine.sync_runs
+    # CDC only, as the run left the slot: WAL the source keeps for it, and WAL it has not confirmed.
+    slot_retained_wal_bytes: int | None = None
+    slot_lag_bytes: int | None = None
+    # What an operator must know about this run, such as a CDC slot found invalidated.
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -95,6 +100,8 @@ class SyncReport:
         )
         if self.schema_changes:
             line += f", {len(self.schema_changes)} schema change(s)"
+        if self.notes:
+            line += "; " + "; ".join(self.notes)
         if self.error:
             line += f"; error: {self.error}"
         return line

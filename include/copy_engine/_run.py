@@ -22,7 +22,7 @@ from psycopg import sql
 
 from ._config import TableConfig
 from ._connect import connect
-from ._copy import TableColumns
+from ._copy import TableColumns, stream
 from ._errors import (
     ConcurrentRunError,
     CopyEngineError,
@@ -373,6 +373,25 @@ class TableRun:
         self.report.rows_replaced = kept
         self.report.rows_inserted = rows - kept
         self.report.rows_deleted = old_rows - kept
+
+    def load_full(self, key_changes: Callable[[TableRun], tuple[int, int]]) -> None:
+        """Replace the target's rows with the source snapshot's, streamed in one COPY.
+
+        `key_changes` counts the keys the target holds and the source lacks, for the report.
+        """
+        plan, report = self.plan, self.report
+
+        def load() -> int:
+            # FREEZE (allowed: the table was truncated in this transaction) writes the rows frozen and their
+            # pages all-visible, so the first reader sets no hint bits, vacuum need not freeze them, and the
+            # next full sync counts the old rows from the key index. Like TRUNCATE, it lets a transaction whose
+            # snapshot is older than the commit see the new rows; readers still never see a partial table.
+            rows, report.bytes = stream(self.src, self.names.copy_source(plan.columns, shape=self.shape), {}, self.tgt,
+                                        self.names.target, plan.columns, binary=plan.binary,
+                                        progress=self.table.name, freeze=plan.ordinary_table)
+            return rows
+
+        report.rows_read = self.replace_rows(load, key_changes)
 
     def add_primary_key(self, relation: sql.Composable, constraint: str) -> None:
         """Build the primary key on freshly loaded rows; a repeated key value is the source's error."""

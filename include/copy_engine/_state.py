@@ -95,6 +95,8 @@ _CREATE = [
     sql.SQL("alter table {} add column if not exists report jsonb").format(PARALLEL_RUNS),
     # Added in 0.2: a full copy's rows written in place of a row with the same key.
     sql.SQL("alter table {} add column if not exists rows_replaced bigint not null default 0").format(SYNC_RUNS),
+    # A CDC table's replication slot and publication on the source (both have this name).
+    sql.SQL("alter table {} add column if not exists replication_slot text").format(SYNC_STATE),
 ]
 
 # Serialises the `create ... if not exists` of concurrent first runs, which can otherwise collide.
@@ -106,6 +108,8 @@ select to_regclass('_copy_engine.sync_runs') is not null and to_regclass('_copy_
    and to_regclass('_copy_engine.parallel_ranges') is not null
    and exists (select from pg_attribute
                where attrelid = to_regclass('_copy_engine.sync_runs') and attname = 'rows_replaced')
+   and exists (select from pg_attribute
+               where attrelid = to_regclass('_copy_engine.sync_state') and attname = 'replication_slot')
 """
 
 
@@ -125,28 +129,50 @@ def run_lock_key(target: str) -> str:
     return f"copy_engine:{target}"
 
 
-def read_watermark(conn: psycopg.Connection, target: str) -> str | None:
+def read_watermark(conn: psycopg.Connection, target: str, *, cdc: bool = False) -> str | None:
+    """The stored watermark: a cursor value, or with `cdc` the source position a CDC run applied.
+
+    Each kind reads only its own: after a change of mode the run starts without one.
+    """
     row = conn.execute(
-        sql.SQL("select watermark from {} where target_table = %s").format(
-            SYNC_STATE), (target,)).fetchone()
+        sql.SQL("select watermark from {} where target_table = %s and (mode = 'cdc') = %s").format(
+            SYNC_STATE), (target, cdc)).fetchone()
     return None if row is None else row[0]
 
 
-def write_state(conn: psycopg.Connection, report: SyncReport, cursor_column: str | None) -> None:
-    """Record the watermark; called inside the data transaction so both commit or neither."""
+def write_state(conn: psycopg.Connection, report: SyncReport, cursor_column: str | None, *,
+                replication_slot: str | None = None) -> None:
+    """Record the watermark (for CDC: the source position applied, and its slot); called inside the data
+    transaction so both commit or neither. A slot once recorded is kept when the table changes mode,
+    so that `drop-replication` still finds it."""
     conn.execute(
         sql.SQL(
             """insert into {} as s (target_table, table_name, source, mode, cursor_column, watermark,
-                                    last_rows_read, synced_at)
-               values (%s, %s, %s, %s, %s, %s, %s, now())
+                                    last_rows_read, synced_at, replication_slot)
+               values (%s, %s, %s, %s, %s, %s, %s, now(), %s)
                on conflict (target_table) do update set
                    table_name = excluded.table_name, source = excluded.source, mode = excluded.mode,
                    cursor_column = excluded.cursor_column, watermark = excluded.watermark,
-                   last_rows_read = excluded.last_rows_read, synced_at = excluded.synced_at"""
+                   last_rows_read = excluded.last_rows_read, synced_at = excluded.synced_at,
+                   replication_slot = coalesce(excluded.replication_slot, s.replication_slot)"""
         ).format(SYNC_STATE),
         (report.target, report.table, report.source, report.mode, cursor_column, report.watermark_after,
-         report.rows_read),
+         report.rows_read, replication_slot),
     )
+
+
+def read_cdc_states(conn: psycopg.Connection) -> list[tuple[str, str, str]]:
+    """(target table, source, replication slot) of every table a CDC run has synced into this warehouse."""
+    rows = conn.execute(sql.SQL("select target_table, source, replication_slot from {} "
+                                "where replication_slot is not null order by target_table").format(SYNC_STATE))
+    return [(str(a), str(b), str(c)) for a, b, c in rows.fetchall()]
+
+
+def forget_replication(conn: psycopg.Connection, target: str) -> None:
+    """After its slot is dropped: no slot recorded, and no CDC position (a CDC run starts with a full copy)."""
+    conn.execute(sql.SQL("update {} set replication_slot = null, "
+                         "watermark = case when mode = 'cdc' then null else watermark end "
+                         "where target_table = %s").format(SYNC_STATE), (target,))
 
 
 _RUN_COLUMNS = ("table_name", "source", "target_table", "mode", "status", "started_at", "finished_at", "rows_read",

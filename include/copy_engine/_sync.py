@@ -48,31 +48,13 @@ def attempt_stream(run: TableRun) -> None:
                     report.watermark_before = read_watermark(run.tgt, run.names.target_text)
                     _load_incremental(run)
                 else:
-                    _load_full(run)
+                    run.load_full(key_changes)
                 write_state(run.tgt, report, table.cursor_column)
                 run.record_committed()
             logger.info("%s: committed %d row(s) into %s", table.name, report.rows_read, run.names.target_text)
             if run.validate:
                 report.validation = run.validate_in_snapshot()
             run.src.rollback()
-
-
-def _load_full(run: TableRun) -> None:
-    """Replace the target's rows with the snapshot's, streamed in one COPY."""
-    plan, report = run.plan, run.report
-
-    def load() -> int:
-        # FREEZE (allowed: the table was truncated in this transaction) writes the rows frozen and their
-        # pages all-visible, so the first reader sets no hint bits, vacuum need not freeze them, and the
-        # next full sync counts the old rows from the key index. Like TRUNCATE, it lets a transaction whose
-        # snapshot is older than the commit see the new rows; readers still never see a partial table.
-        source = run.names.copy_source(plan.columns, shape=run.shape)
-        rows, report.bytes = stream(run.src, source, {}, run.tgt, run.names.target, plan.columns,
-                                    binary=plan.binary, progress=run.table.name,
-                                    freeze=plan.ordinary_table)
-        return rows
-
-    report.rows_read = run.replace_rows(load, key_changes)
 
 
 # --- incremental --------------------------------------------------------------------------------
@@ -107,7 +89,7 @@ def _load_incremental(run: TableRun) -> None:
     key_is_unique = table.select is None and table.primary_key is None  # the source table's own key
     if report.watermark_before is None and empty and empty[0] and key_is_unique:
         # The first load into an empty table: a full load gives the same rows at COPY speed.
-        _load_full(run)
+        run.load_full(key_changes)
         row = tgt.execute(sql.SQL("select max({})::text from {}").format(cursor, target)).fetchone()
         report.watermark_after = row[0] if row else None
         return

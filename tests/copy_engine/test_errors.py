@@ -103,7 +103,7 @@ def test_bad_yaml_and_bad_settings(tmp_path):
         load_config(bad)
     wrong = tmp_path / "wrong.yml"
     wrong.write_text("tables:\n  - name: x\n    mode: sometimes\n")
-    with pytest.raises(ConfigError, match=r"^x: mode must be one of full, incremental, not 'sometimes'$"):
+    with pytest.raises(ConfigError, match=r"^x: mode must be one of full, incremental, cdc, not 'sometimes'$"):
         load_config(wrong)
     unknown = tmp_path / "unknown.yml"
     unknown.write_text("tables:\n  - name: x\n    cursor: updated_at\n")

@@ -31,6 +31,8 @@ renamed as (
         duration_s as duration_seconds,
         attempts,
         jsonb_array_length(schema_changes) as schema_change_count,
+        (report ->> 'slot_retained_wal_bytes')::bigint as slot_retained_wal_bytes,
+        (report ->> 'slot_lag_bytes')::bigint as slot_lag_bytes,
 
         -- booleans
         status = 'success' as is_success,

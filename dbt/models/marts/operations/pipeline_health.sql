@@ -74,6 +74,11 @@ final as (
         last_success.duration_seconds as last_success_duration_seconds,
         last_success.watermark_after as last_success_watermark,
         last_success.validation_match as last_success_validation_match,
+        last_success.slot_retained_wal_bytes,
+        last_success.slot_lag_bytes,
+        coalesce(
+            last_success.slot_retained_wal_bytes > {{ var('cdc_slot_wal_alert_bytes') }}, false
+        ) as is_slot_wal_over_limit,
         per_table.runs,
         per_table.failed_runs,
         per_table.failed_runs_last_24h,

@@ -1,0 +1,617 @@
+"""The change-data-capture strategy: a logical replication slot (pgoutput) on the source.
+
+First run (or after the slot was lost): check the source's requirements, create the table's
+publication and slot on a replication connection with `EXPORT_SNAPSHOT`, and copy the table in
+full from that exported snapshot, which holds exactly the transactions committed before the slot's
+start. The slot's start position is stored with the rows, in the target's transaction.
+
+Later runs read the changes up to the source's current position with
+`pg_logical_slot_peek_binary_changes` (nothing is consumed), decode pgoutput, coalesce them per
+key in commit order, and apply them in one target transaction that also stores the position
+reached. Only after that commit is the slot advanced (`pg_replication_slot_advance`). A run killed
+between the two replays the same changes next time; transactions that commit before the stored
+position are skipped, so nothing is applied twice and nothing is missed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import struct
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from ._errors import SourceError, TerminalError, TransientError
+from ._keys import key_changes
+from ._report import ValidationResult
+from ._run import TableRun, column_list, import_snapshot, wait_for
+from ._schema import Shape
+from ._state import ensure_state_tables, forget_replication, read_cdc_states, read_watermark, write_state
+
+logger = logging.getLogger(__name__)
+
+_STAGE = "_copy_engine_cdc_stage"
+PROGRESS_EVERY = 50_000  # decoded changes between progress lines
+
+
+class _Keep:
+    """A column value the change did not carry (an unchanged TOASTed value): the target keeps its own."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP = _Keep()
+Value = str | None | _Keep
+
+
+def replication_name(target_table: str, target_database: str) -> str:
+    """The slot's and the publication's name: readable, unique per warehouse table, at most 63 characters."""
+    relation = re.sub(r"[^a-z0-9_]", "_", target_table.split(".")[-1].lower())[:30]
+    digest = hashlib.sha256(f"{target_database}\0{target_table}".encode()).hexdigest()[:10]
+    return f"copy_engine_{relation}_{digest}"
+
+
+def lsn_int(text: str) -> int:
+    high, low = text.split("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+def lsn_text(value: int) -> str:
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+# --- the source's requirements --------------------------------------------------------------------
+
+_REQUIREMENTS_SQL = """
+select current_setting('wal_level'),
+       (select rolreplication or rolsuper from pg_roles where rolname = current_user),
+       current_user,
+       has_database_privilege(current_database(), 'CREATE'),
+       pg_has_role(c.relowner, 'USAGE'),
+       c.relreplident::text,
+       c.relkind::text,
+       current_setting('max_replication_slots')::int,
+       (select count(*) from pg_replication_slots)::int,
+       current_setting('max_wal_senders')::int,
+       exists (select from pg_publication where pubname = %(name)s)
+from pg_class as c
+where c.oid = %(oid)s
+"""
+
+
+def check_requirements(run: TableRun, name: str) -> None:
+    """Everything a first CDC run creates on the source, checked first; every missing one named with its fix."""
+    table, src = run.table, run.src
+    schema_name, relation = table.source_schema_table
+    with src.transaction(force_rollback=True):
+        oid = src.execute("select to_regclass(%s)::oid::int", (str(run.names.base().as_string(src)),)).fetchone()
+        row = src.execute(_REQUIREMENTS_SQL, {"name": name, "oid": oid[0] if oid else None}).fetchone()
+        source_key = src.execute(
+            "select array_agg(a.attname order by k.n) from pg_index as i "
+            "join lateral unnest(i.indkey) with ordinality as k(attnum, n) on true "
+            "join pg_attribute as a on a.attrelid = i.indrelid and a.attnum = k.attnum "
+            "where i.indrelid = %s and i.indisprimary", (oid[0] if oid else None,)).fetchone()
+    if row is None:
+        raise SourceError(f"the source table {table.source} does not exist", table=table.name)
+    (wal_level, can_replicate, user, can_create, owns, identity, kind, max_slots, slots, max_senders,
+     publication_exists) = row
+    missing: list[str] = []
+    if wal_level != "logical":
+        missing.append(f"wal_level is {wal_level}: set wal_level = logical on the source and restart it "
+                       "(on Amazon RDS / Aurora: rds.logical_replication = 1 in the parameter group)")
+    if not can_replicate:
+        missing.append(f"the role {user} may not create replication slots: ALTER ROLE {user} REPLICATION "
+                       f"(on Amazon RDS: GRANT rds_replication TO {user})")
+    if not publication_exists and not (can_create and owns):
+        missing.append(f"the role {user} cannot create the publication {name} (it needs CREATE on the database "
+                       f"and to own {schema_name}.{relation}): have the owner run "
+                       f"CREATE PUBLICATION {name} FOR TABLE {schema_name}.{relation}")
+    if kind != "r":
+        missing.append(f"{table.source} is not a plain table (relkind {kind}); CDC reads plain tables")
+    key = tuple(source_key[0] or ()) if source_key else ()
+    wanted = run.shape.primary_key
+    if identity == "n" or (identity == "d" and (not key or key != wanted)) or identity == "i":
+        what = "has no primary key" if not key else f"identifies its rows by ({', '.join(key)})"
+        missing.append(f"{table.source} {what}, so its updates and deletes cannot be matched to target rows by "
+                       f"({', '.join(wanted) or 'no key'}): add a primary key, or set primary_key and "
+                       f"ALTER TABLE {schema_name}.{relation} REPLICA IDENTITY FULL")
+    if slots >= max_slots:
+        missing.append(f"all {max_slots} replication slots are in use: raise max_replication_slots (restart) or "
+                       "drop an unused slot")
+    if max_senders < 1:
+        missing.append("max_wal_senders is 0: raise it (restart) so the slot can be created")
+    if missing:
+        raise SourceError("mode cdc cannot start, nothing was created: " + "; ".join(missing), table=table.name)
+
+
+# --- pgoutput -------------------------------------------------------------------------------------
+
+@dataclass
+class _Relation:
+    columns: list[str]
+
+
+@dataclass
+class Changes:
+    """The changes of a batch coalesced per key: the last row of each key, or None for a deleted key."""
+
+    rows: dict[tuple[str | None, ...], list[Value] | None] = field(default_factory=dict)
+    truncated: bool = False
+    messages: int = 0
+    transactions: int = 0
+    skipped_transactions: int = 0
+
+
+class PgOutputDecoder:
+    """Decodes pgoutput (protocol 1, text values) into `Changes` over the target's columns.
+
+    `lookup` fetches a column of the target's row for a key: an update that moves a row to a new
+    key and leaves a TOASTed value unchanged carries no value for it.
+    """
+
+    def __init__(self, columns: list[str], key: tuple[str, ...], skip_before: int,
+                 lookup: Callable[[tuple[str | None, ...], str], str | None] | None = None,
+                 encoding: str = "utf-8") -> None:
+        self.columns = columns
+        self.index = {name: position for position, name in enumerate(columns)}
+        self.key_positions = [self.index[name] for name in key]
+        self.skip_before = skip_before
+        self.lookup = lookup
+        self.relations: dict[int, _Relation] = {}
+        self.changes = Changes()
+        # pgoutput sends values converted to the decoding session's client encoding, as any result
+        self.encoding = encoding
+        self._skipping = False
+
+    def feed(self, message: bytes) -> None:
+        kind = message[:1]
+        if kind == b"B":
+            final_lsn, _, _ = struct.unpack_from("!qqi", message, 1)
+            self._skipping = final_lsn < self.skip_before
+            if self._skipping:
+                self.changes.skipped_transactions += 1
+            return
+        if kind == b"C":
+            if not self._skipping:
+                self.changes.transactions += 1
+            self._skipping = False
+            return
+        if kind == b"R":
+            self._relation(message)
+            return
+        if self._skipping or kind not in (b"I", b"U", b"D", b"T"):
+            return  # types, origins and messages carry no rows
+        if kind == b"T":
+            self.changes.truncated = True
+            self.changes.rows.clear()
+            self.changes.messages += 1
+            return
+        relation = self.relations[struct.unpack_from("!I", message, 1)[0]]
+        position = 5
+        self.changes.messages += 1
+        if kind == b"I":
+            position += 1  # 'N'
+            row, _ = self._tuple(message, position, relation)
+            self._put(row, merge=False)
+        elif kind == b"D":
+            position += 1  # 'K' or 'O'
+            old, _ = self._tuple(message, position, relation)
+            self.changes.rows[self._key(old)] = None
+        else:
+            old = None
+            if message[position:position + 1] in (b"K", b"O"):
+                old, position = self._tuple(message, position + 1, relation)
+            row, _ = self._tuple(message, position + 1, relation)
+            new_key = self._key(row)
+            if old is not None and self._key(old) != new_key:
+                old_key = self._key(old)
+                moved_from = self.changes.rows.get(old_key, KEEP)
+                for column, value in enumerate(row):
+                    if value is KEEP:
+                        if isinstance(moved_from, list) and moved_from[column] is not KEEP:
+                            row[column] = moved_from[column]
+                        else:
+                            assert self.lookup is not None, "a moved key needs the target's row"
+                            row[column] = self.lookup(old_key, self.columns[column])
+                self.changes.rows[old_key] = None
+            self._put(row, merge=True)
+
+    def _key(self, row: list[Value]) -> tuple[str | None, ...]:
+        return tuple(row[position] for position in self.key_positions)  # type: ignore[misc]
+
+    def _put(self, row: list[Value], *, merge: bool) -> None:
+        key = self._key(row)
+        earlier = self.changes.rows.get(key)
+        if merge and earlier is not None:
+            row = [earlier[column] if value is KEEP else value for column, value in enumerate(row)]
+        self.changes.rows[key] = row
+
+    def _relation(self, message: bytes) -> None:
+        oid = struct.unpack_from("!I", message, 1)[0]
+        position = 5
+        for _ in range(2):  # namespace, name
+            position = message.index(b"\0", position) + 1
+        position += 1  # replica identity
+        count = struct.unpack_from("!h", message, position)[0]
+        position += 2
+        columns = []
+        for _ in range(count):
+            position += 1  # flags
+            end = message.index(b"\0", position)
+            columns.append(message[position:end].decode())
+            position = end + 1 + 8  # type oid, typmod
+        self.relations[oid] = _Relation(columns)
+
+    def _tuple(self, message: bytes, position: int, relation: _Relation) -> tuple[list[Value], int]:
+        """A TupleData as the target's columns: columns the change lacks are KEEP (the target keeps them)."""
+        count = struct.unpack_from("!h", message, position)[0]
+        position += 2
+        row: list[Value] = [KEEP] * len(self.columns)
+        for column in range(count):
+            kind = message[position:position + 1]
+            position += 1
+            value: Value
+            if kind == b"n":
+                value = None
+            elif kind == b"u":
+                value = KEEP
+            else:
+                size = struct.unpack_from("!i", message, position)[0]
+                value = message[position + 4:position + 4 + size].decode(self.encoding)
+                position += 4 + size
+            target = self.index.get(relation.columns[column]) if column < len(relation.columns) else None
+            if target is not None:
+                row[target] = value
+        return row, position
+
+
+# --- the strategy ---------------------------------------------------------------------------------
+
+@dataclass
+class _Slot:
+    name: str
+    state_lsn: str | None
+
+
+def attempt_cdc(run: TableRun) -> None:
+    """One attempt of a CDC run, filling `run.report`: a full copy from the slot's start, or the changes since."""
+    table, report = run.table, run.report
+    with run.connected():
+        ensure_state_tables(run.tgt)
+        with run.locked():
+            shape = run.describe(key_for="mode cdc")
+            name = replication_name(run.names.target_text, run.tgt.info.dbname)
+            stored = read_watermark(run.tgt, run.names.target_text, cdc=True)
+            run.tgt.commit()
+            report.watermark_before = stored
+            reason = None if stored is None else _why_full_copy(run, name, stored, shape)
+            if stored is None or reason is not None:
+                if reason:
+                    logger.warning("%s: %s", table.name, reason)
+                    report.notes.append(reason)
+                _full_copy(run, name)
+            else:
+                _apply_changes(run, name, stored)
+            _measure_slot(run, name)
+
+
+def _measure_slot(run: TableRun, name: str) -> None:
+    """What the slot costs the source as this run leaves it: WAL kept for it, and WAL not yet confirmed."""
+    with run.src.transaction(force_rollback=True):
+        row = run.src.execute(
+            "select pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, "
+            "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint "
+            "from pg_replication_slots where slot_name = %s", (name,)).fetchone()
+    if row is not None:
+        run.report.slot_retained_wal_bytes, run.report.slot_lag_bytes = int(row[0]), int(row[1])
+        logger.info("%s: slot %s keeps %.1f MB of WAL on the source, %.1f MB not yet confirmed", run.table.name,
+                    name, row[0] / 1e6, row[1] / 1e6)
+
+
+def _slot_row(src: psycopg.Connection, name: str) -> dict[str, Any] | None:
+    with src.transaction(force_rollback=True):
+        row = src.execute("select to_jsonb(s) from pg_replication_slots as s where slot_name = %s",
+                          (name,)).fetchone()
+    return None if row is None else dict(row[0])
+
+
+def _why_full_copy(run: TableRun, name: str, stored: str, shape: Shape) -> str | None:
+    """Why the stored position cannot be continued from (the slot is gone, lost, …), or None when it can."""
+    slot = _slot_row(run.src, name)
+    if slot is None:
+        return (f"the replication slot {name} no longer exists on the source (dropped); the changes since "
+                f"{stored} are gone, so the table is copied in full again")
+    reason = slot.get("invalidation_reason") or ("wal_removed" if slot.get("wal_status") == "lost" else None)
+    if reason or slot.get("conflicting"):
+        return (f"the replication slot {name} was invalidated on the source ({reason or 'conflict'}: the server "
+                f"removed WAL the slot had not read, see max_slot_wal_keep_size); the changes since {stored} are "
+                "gone, so the table is copied in full again")
+    confirmed = slot.get("confirmed_flush_lsn")
+    if confirmed and lsn_int(confirmed) > lsn_int(stored):
+        return (f"the replication slot {name} was advanced past the stored position ({confirmed} > {stored}) "
+                "outside this engine; the table is copied in full again")
+    with run.src.transaction(force_rollback=True):
+        published = run.src.execute(
+            "select exists (select from pg_publication_tables where pubname = %s and schemaname = %s "
+            "and tablename = %s)", (name, *run.table.source_schema_table)).fetchone()
+    if not (published and published[0]):
+        return (f"the publication {name} no longer publishes {run.table.source}; the table is copied in full "
+                "again")
+    target_columns = _target_columns(run)
+    added = [column for column in shape.names if column not in target_columns]
+    if target_columns and added:
+        return (f"the source has new column(s) {', '.join(added)}, whose values the changes do not carry for "
+                "unchanged rows; the table is copied in full again")
+    if not target_columns:
+        return f"the target table {run.names.target_text} is gone; the table is copied in full again"
+    return None
+
+
+def _target_columns(run: TableRun) -> set[str]:
+    schema_name, relation = run.table.target_schema_table
+    with run.tgt.transaction(force_rollback=True):
+        rows = run.tgt.execute("select column_name from information_schema.columns where table_schema = %s "
+                               "and table_name = %s", (schema_name, relation)).fetchall()
+    return {str(row[0]) for row in rows}
+
+
+def _ensure_publication(run: TableRun, name: str) -> None:
+    """The table's publication, created if missing; one made beforehand by the table's owner is used as is."""
+    src = run.src
+    schema_name, relation = run.table.source_schema_table
+    with src.transaction():
+        row = src.execute(
+            "select exists (select from pg_publication where pubname = %(name)s), exists (select from "
+            "pg_publication_tables where pubname = %(name)s and schemaname = %(schema)s and tablename = %(table)s)",
+            {"name": name, "schema": schema_name, "table": relation}).fetchone()
+        exists, publishes = row if row else (False, False)
+        if not exists:
+            src.execute(sql.SQL("create publication {} for table {}").format(
+                sql.Identifier(name), sql.Identifier(schema_name, relation)))
+        elif not publishes:
+            src.execute(sql.SQL("alter publication {} add table {}").format(
+                sql.Identifier(name), sql.Identifier(schema_name, relation)))
+
+
+def _drop_slot(src: psycopg.Connection, name: str) -> None:
+    with src.transaction():
+        src.execute("select pg_drop_replication_slot(slot_name) from pg_replication_slots where slot_name = %s",
+                    (name,))
+
+
+@dataclass
+class _ExportedSlot:
+    connection: psycopg.Connection
+    start: str
+    snapshot: str
+
+
+def _create_slot(run: TableRun, name: str) -> _ExportedSlot:
+    """Create the slot on a replication connection; its exported snapshot lives while the connection idles."""
+    conn = psycopg.connect(run.source_dsn, replication="database", autocommit=True, connect_timeout=10,
+                           application_name="copy_engine_cdc")
+    try:
+        # The old keyword form: servers from PostgreSQL 10 on take it.
+        command = sql.SQL("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT").format(sql.Identifier(name))
+        result = conn.pgconn.exec_(command.as_bytes(conn))
+        if result.status != psycopg.pq.ExecStatus.TUPLES_OK:
+            raise psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
+        start = (result.get_value(0, 1) or b"").decode()
+        snapshot = (result.get_value(0, 2) or b"").decode()
+    except BaseException:
+        conn.close()
+        raise
+    return _ExportedSlot(conn, start, snapshot)
+
+
+def _full_copy(run: TableRun, name: str) -> None:
+    """Create the publication and a new slot, then copy the table from the slot's exported snapshot."""
+    table, report = run.table, run.report
+    check_requirements(run, name)
+    run.create_types()
+    _ensure_publication(run, name)
+    wait_until_slot_free(run, name)
+    _drop_slot(run.src, name)
+    run.src.rollback()
+    run.tgt.rollback()  # a slot's creation waits for every open transaction that wrote, ours too
+    exported = _create_slot(run, name)
+    try:
+        logger.info("%s: created replication slot %s at %s; copying the table in full from its snapshot",
+                    table.name, name, exported.start)
+        import_snapshot(run.src, exported.snapshot)
+        with run.data_transaction():
+            run.prepare_target(need_key=True)
+            run.load_full(key_changes)
+            report.watermark_after = exported.start
+            write_state(run.tgt, report, None, replication_slot=name)
+            run.record_committed()
+        logger.info("%s: committed %d row(s) into %s", table.name, report.rows_read, run.names.target_text)
+        if run.validate:
+            report.validation = run.validate_in_snapshot()
+        run.src.rollback()
+    finally:
+        exported.connection.close()
+
+
+def read_changes(src: psycopg.Connection, name: str, upto: str) -> Iterator[bytes]:
+    """The slot's pgoutput messages of transactions that commit before `upto`, without consuming them."""
+    with src.transaction(force_rollback=True), src.cursor(name="copy_engine_cdc_changes") as cursor:
+        cursor.itersize = 10_000
+        cursor.execute(
+            "select data from pg_logical_slot_peek_binary_changes(%s, %s::pg_lsn, null, 'proto_version', '1', "
+            "'publication_names', %s)", (name, upto, name), binary=True)
+        for (data,) in cursor:
+            yield bytes(data)
+
+
+def wait_until_slot_free(run: TableRun, name: str) -> None:
+    """Wait (up to `lock_wait_s`) while another session uses the slot, such as the backend of a killed
+    run that has not noticed its client is gone; then fail transiently."""
+    def free() -> bool | None:
+        with run.src.transaction(force_rollback=True):
+            row = run.src.execute("select active_pid from pg_replication_slots where slot_name = %s",
+                                  (name,)).fetchone()
+        return True if row is None or row[0] is None else None
+
+    if wait_for(free, timeout_s=run.table.lock_wait_s, poll_s=0.2) is None:
+        raise TransientError(f"the replication slot {name} is in use by another session on the source; "
+                             "the run will be retried", table=run.table.name)
+
+
+def _apply_changes(run: TableRun, name: str, stored: str) -> None:
+    table, report, src = run.table, run.report, run.src
+    shape = run.shape
+    wait_until_slot_free(run, name)
+    row = src.execute("select pg_current_wal_flush_lsn()::text").fetchone()
+    src.commit()
+    assert row is not None
+    # The flushed position, not the inserted one: decoding reads only flushed WAL, and a transaction
+    # committed asynchronously before `upto` must not be left behind a position stored as applied.
+    upto = max(row[0], stored, key=lsn_int)
+    decoder = PgOutputDecoder(shape.names, shape.primary_key, lsn_int(stored), lookup=lambda key, column:
+                              _target_value(run, key, column), encoding=src.info.encoding)
+    started = time.monotonic()
+    for count, message in enumerate(read_changes(src, name, upto), 1):
+        decoder.feed(message)
+        if count % PROGRESS_EVERY == 0:
+            logger.info("%s: decoded %d change message(s), %d key(s) so far (%.0f/s)", table.name, count,
+                        len(decoder.changes.rows), count / (time.monotonic() - started))
+    changes = decoder.changes
+    report.rows_read = changes.messages
+    logger.info("%s: %d change(s) in %d transaction(s) (%d already applied) up to %s: %d key(s) to write",
+                table.name, changes.messages, changes.transactions, changes.skipped_transactions, upto,
+                len(changes.rows))
+    run.tgt.rollback()
+    with run.data_transaction():
+        run.prepare_target(need_key=True)
+        run.set_lock_timeout()
+        _write(run, changes)
+        report.watermark_after = upto
+        write_state(run.tgt, report, None, replication_slot=name)
+        run.record_committed()
+    logger.info("%s: applied up to %s (inserted %d, updated %d, deleted %d)", table.name, upto,
+                report.rows_inserted, report.rows_updated, report.rows_deleted)
+    confirm_position(src, name, upto)
+    if run.validate:
+        # No source snapshot matches the applied position: the summary says "not validated", not "off".
+        report.validation = ValidationResult(match=None)
+
+
+def confirm_position(src: psycopg.Connection, name: str, lsn: str) -> None:
+    """Tell the slot the changes before `lsn` are applied, so the source may recycle their WAL.
+
+    Runs after the target's commit; if it never happens, the next run reads them again and skips them.
+    """
+    try:
+        with src.transaction():
+            src.execute("select pg_replication_slot_advance(%s, %s::pg_lsn)", (name, lsn))
+    except psycopg.Error as error:
+        logger.warning("could not advance the replication slot %s to %s (%s); the next run skips what this one "
+                       "applied", name, lsn, (str(error).splitlines() or [""])[0])
+
+
+def _target_value(run: TableRun, key: tuple[str | None, ...], column: str) -> str | None:
+    shape = run.shape
+    match = sql.SQL(" and ").join(
+        sql.SQL("{} = %s::{}").format(sql.Identifier(name), sql.SQL(shape.column(name).type_sql))  # type: ignore[union-attr]
+        for name in shape.primary_key)
+    row = run.tgt.execute(sql.SQL("select {}::text from {} where {}").format(
+        sql.Identifier(column), run.names.target, match), key).fetchone()
+    if row is None:
+        raise TerminalError(f"an update moved key {list(key)} and left {column} unchanged, but the target has no row "
+                            "for that key; it was changed outside the engine: drop the target table to copy it again",
+                            table=run.table.name)
+    return None if row[0] is None else str(row[0])
+
+
+def _write(run: TableRun, changes: Changes) -> None:
+    """Apply the coalesced changes: deletes, then updates of the rows the target has, then inserts."""
+    report, tgt, shape, plan = run.report, run.tgt, run.shape, run.plan
+    target = run.names.target
+    if changes.truncated:
+        cursor = tgt.execute(sql.SQL("delete from {}").format(target))
+        report.rows_deleted += max(cursor.rowcount, 0)
+    if not changes.rows:
+        return
+    columns, key = shape.names, list(shape.primary_key)
+    stage = sql.Identifier(_STAGE)
+    tgt.execute(sql.SQL("create temporary table {} ({}, _op text not null, _keep text not null) on commit drop")
+                .format(stage, sql.SQL(", ").join(sql.SQL("{} text").format(sql.Identifier(c)) for c in columns)))
+    with tgt.cursor().copy(sql.SQL("copy {} from stdin").format(stage)) as copy:
+        for row_key, row in changes.rows.items():
+            if row is None:
+                values: list[Any] = [None] * len(columns)
+                for position, name in enumerate(key):
+                    values[columns.index(name)] = row_key[position]
+                copy.write_row([*values, "d", ""])
+            else:
+                keep = "".join("1" if value is KEEP else "0" for value in row)
+                copy.write_row([*(None if value is KEEP else value for value in row), "u", keep])
+    tgt.execute(sql.SQL("analyze {}").format(stage))
+
+    def typed(name: str) -> sql.Composable:
+        return sql.SQL("s.{}::{}").format(sql.Identifier(name), sql.SQL(shape.column(name).type_sql))  # type: ignore[union-attr]
+
+    match = sql.SQL(" and ").join(sql.SQL("t.{} = {}").format(sql.Identifier(name), typed(name)) for name in key)
+    deleted = tgt.execute(sql.SQL("delete from {} as t using {} as s where s._op = 'd' and {}").format(
+        target, stage, match))
+    report.rows_deleted += max(deleted.rowcount, 0)
+    values = [name for name in columns if name not in key]
+    kept = {name: sql.SQL("substr(s._keep, {}, 1) = '1'").format(sql.Literal(columns.index(name) + 1))
+            for name in values}
+    setters = [sql.SQL("{0} = case when {1} then t.{0} else {2} end").format(sql.Identifier(name), kept[name],
+                                                                             typed(name)) for name in values]
+    setters += [sql.SQL("{} = null").format(sql.Identifier(name)) for name in plan.extra_columns]
+    changed = [sql.SQL("(not {1} and t.{0}::text is distinct from ({2})::text)").format(
+        sql.Identifier(name), kept[name], typed(name)) for name in values]
+    changed += [sql.SQL("t.{} is not null").format(sql.Identifier(name)) for name in plan.extra_columns]
+    if setters and changed:
+        updated = tgt.execute(sql.SQL("update {} as t set {} from {} as s where s._op = 'u' and {} and ({})").format(
+            target, sql.SQL(", ").join(setters), stage, match, sql.SQL(" or ").join(changed)))
+        report.rows_updated += max(updated.rowcount, 0)
+    missing = sql.SQL("s._op = 'u' and not exists (select from {} as t where {})").format(target, match)
+    lacking = tgt.execute(sql.SQL("select {} from {} as s where {} and s._keep like '%%1%%' limit 1").format(
+        column_list(key, "s"), stage, missing)).fetchone()
+    if lacking is not None:
+        raise TerminalError(f"an update of key {list(lacking)} left a TOASTed value unchanged, but the target has no "
+                            "row for that key; it was changed outside the engine: drop the target table to copy it "
+                            "again", table=run.table.name)
+    inserted = tgt.execute(sql.SQL("insert into {} ({}) select {} from {} as s where {}").format(
+        target, column_list(columns), sql.SQL(", ").join(typed(name) for name in columns), stage, missing))
+    report.rows_inserted += max(inserted.rowcount, 0)
+
+
+# --- removing what a table taken out of the configuration left on the source ---------------------
+
+def drop_replication(source_dsn: str, target_dsn: str, configured_targets: Iterable[str], *,
+                     dry_run: bool = False) -> list[str]:
+    """Drop the slot and publication of every CDC table this warehouse synced that is no longer configured.
+
+    Returns what it dropped (or would drop); forgets the table's stored CDC position, so adding the
+    table back with mode cdc starts with a full copy.
+    """
+    keep = set(configured_targets)
+    done: list[str] = []
+    with psycopg.connect(target_dsn, connect_timeout=10) as tgt, \
+            psycopg.connect(source_dsn, connect_timeout=10, autocommit=True) as src:
+        ensure_state_tables(tgt)
+        for target_table, source, name in read_cdc_states(tgt):
+            if target_table in keep:
+                continue
+            done.append(f"{target_table} (source {source}): slot and publication {name}")
+            if dry_run:
+                continue
+            src.execute("select pg_drop_replication_slot(slot_name) from pg_replication_slots where slot_name = %s",
+                        (name,))
+            src.execute(sql.SQL("drop publication if exists {}").format(sql.Identifier(name)))
+            with tgt.transaction():
+                forget_replication(tgt, target_table)
+            logger.info("dropped the replication slot and publication %s of %s", name, target_table)
+    return done
