@@ -35,7 +35,8 @@ from cosmos.profiles import PostgresUserPasswordProfileMapping
 
 from include.pipeline import PROJECT_ROOT, WAREHOUSE_CONN_ID
 
-DBT_PROJECT_DIR = PROJECT_ROOT / "dbt"
+# DBT_PROJECT_DIR moves the project (the benchmark renders generated projects this way).
+DBT_PROJECT_DIR = Path(os.environ.get("DBT_PROJECT_DIR") or PROJECT_ROOT / "dbt")
 DBT_MANIFEST = DBT_PROJECT_DIR / "target" / "manifest.json"
 DBT_PROJECT_NAME = "postgres_analytics"
 EXECUTION_MODES = ("watcher", "dbt_runner", "virtualenv")
@@ -215,7 +216,7 @@ def log_dbt_result(context: Mapping[str, Any], *_: Any) -> None:
     for uid in watched:
         event = context["ti"].xcom_pull(task_ids=producer, key=_xcom_key(uid, "dbt_event")) or {}
         logger.info(
-            "dbt result of %s: %s, %s → %s: %s", uid, event.get("status", "not reported"),
+            "dbt result of %s: %s, %s → %s: %s", uid, event.get("status") or "no status reported",
             event.get("start_time"), event.get("finish_time"), event.get("msg") or "",
         )  # fmt: skip
 
