@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from typing import Any
 
 from psycopg.conninfo import conninfo_to_dict
 
+from include.local_stack import celery
 from include.local_stack.postgres import free_port
 from include.local_stack.settings import SOURCE_CONN_ID, WAREHOUSE_CONN_ID, StackSettings
 
@@ -68,7 +70,6 @@ def airflow_environment(settings: StackSettings) -> dict[str, str]:
             "AIRFLOW__CORE__DAGS_FOLDER": str(settings.root / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(settings.root / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             "AIRFLOW__CORE__PARALLELISM": "8",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__CORE__FERNET_KEY": settings.secret("fernet_key"),
@@ -105,8 +106,14 @@ def airflow_environment(settings: StackSettings) -> dict[str, str]:
             ),
         }
     )
+    env.update(celery.executor_environment(settings.celery, settings.embedded_dsn("airflow")))
     env.update(settings.extra_env)
     return env
+
+
+def components(settings: StackSettings) -> list[str]:
+    """The processes this stack runs: Airflow's components, and its Celery workers if any."""
+    return [*COMPONENTS, *celery.worker_names(settings.celery)]
 
 
 def _airflow_bin() -> str:
@@ -132,14 +139,27 @@ def _alive(pid: int) -> bool:
 
 
 def running_components(settings: StackSettings) -> dict[str, int]:
+    """Every component with a live pid file, workers included whatever the current settings say
+    (`make stop` without AIRFLOW_EXECUTOR=celery stops them too)."""
     found = {}
-    for component in COMPONENTS:
-        path = _pid_file(settings, component)
-        if path.exists():
+    run_dir = settings.airflow_home / "run"
+    for path in sorted(run_dir.glob("*.pid")) if run_dir.is_dir() else []:
+        component = path.stem
+        if component in COMPONENTS or celery.is_worker(component):
             pid = int(path.read_text())
             if _alive(pid):
                 found[component] = pid
     return found
+
+
+def _check_executor(settings: StackSettings, running: dict[str, int]) -> None:
+    """A running Airflow keeps its executor: switching needs `make stop` first."""
+    path = settings.airflow_home / "run" / "executor"
+    wanted = celery.executor_environment(settings.celery, "")["AIRFLOW__CORE__EXECUTOR"]
+    if running and path.exists() and path.read_text() != wanted:
+        raise AirflowError(f"Airflow is running with the {path.read_text()} here; run `make stop` first to switch "
+                           f"to the {wanted}")
+    path.write_text(wanted)
 
 
 def _write_passwords_file(settings: StackSettings) -> None:
@@ -176,15 +196,22 @@ def start(settings: StackSettings) -> None:
     logs = settings.airflow_home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     already = running_components(settings)
-    for component in COMPONENTS:
+    _check_executor(settings, already)
+    for component in components(settings):
         if component in already:
             continue
+        arguments, component_env = [component], env
+        if celery.is_worker(component):
+            assert settings.celery is not None
+            arguments = celery.worker_arguments(settings.celery, component, settings.airflow_home / "run")
+            component_env = {**env, **celery.worker_environment(component)}
         # Started through a shell that exits at once: the component is orphaned to init, so it
         # outlives this command and is never a zombie child of it.
         log = logs / f"{component}.log"
+        _log_offset(settings, component).write_text(str(log.stat().st_size if log.exists() else 0))
         launched = subprocess.run(
-            ["sh", "-c", 'exec "$@" >>"$LOG" 2>&1 </dev/null & echo $!', "sh", _airflow_bin(), component],
-            env={**env, "LOG": str(log)},
+            ["sh", "-c", 'exec "$@" >>"$LOG" 2>&1 </dev/null & echo $!', "sh", _airflow_bin(), *arguments],
+            env={**component_env, "LOG": str(log)},
             cwd=settings.root,
             start_new_session=True,
             capture_output=True,
@@ -215,7 +242,7 @@ def stop(settings: StackSettings, timeout: float = 30) -> list[str]:
                 os.killpg(groups[component], signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    for component in COMPONENTS:
+    for component in running:
         _pid_file(settings, component).unlink(missing_ok=True)
     return list(running)
 
@@ -270,7 +297,7 @@ def wait_until_healthy(settings: StackSettings, timeout: float = 180) -> Airflow
     deadline = time.monotonic() + timeout
     last = "api-server not answering"
     while time.monotonic() < deadline:
-        missing = [c for c in COMPONENTS if c not in running_components(settings)]
+        missing = [c for c in components(settings) if c not in running_components(settings)]
         if missing:
             raise AirflowError(
                 f"Airflow {', '.join(missing)} exited; see {settings.airflow_home / 'logs'}/<component>.log"
@@ -278,6 +305,7 @@ def wait_until_healthy(settings: StackSettings, timeout: float = 180) -> Airflow
         try:
             health = client.get("/api/v2/monitor/health")
             unhealthy = [name for name, part in health.items() if part.get("status") != "healthy"]
+            unhealthy += [w for w in celery.worker_names(settings.celery) if not _worker_ready(settings, w)]
             if not unhealthy:
                 client.login()
                 return client
@@ -286,6 +314,21 @@ def wait_until_healthy(settings: StackSettings, timeout: float = 180) -> Airflow
             last = f"api-server not answering ({error})"
         time.sleep(1)
     raise AirflowError(f"Airflow did not become healthy in {timeout:.0f}s ({last}); see {settings.airflow_home}/logs")
+
+
+def _log_offset(settings: StackSettings, component: str) -> Path:
+    """Where the component's log stood when it was last started (its log is appended to)."""
+    return settings.airflow_home / "run" / f"{component}.log-offset"
+
+
+def _worker_ready(settings: StackSettings, worker: str) -> bool:
+    """Celery logs `<node>@<host> ready.` once the worker consumes from the broker."""
+    log, offset = settings.airflow_home / "logs" / f"{worker}.log", _log_offset(settings, worker)
+    if not (log.exists() and offset.exists()):
+        return False
+    with log.open("rb") as handle:
+        handle.seek(int(offset.read_text() or 0))
+        return re.search(rf"{re.escape(worker)}@\S+ ready\.".encode(), handle.read()) is not None
 
 
 def wait_for_dags(client: AirflowClient, dag_ids: list[str], timeout: float = 180) -> None:
