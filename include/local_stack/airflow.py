@@ -6,6 +6,7 @@ the stack's data folder. The REST API is the only way this module talks to a run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -226,6 +227,8 @@ def start(settings: StackSettings) -> None:
 def stop(settings: StackSettings, timeout: float = 30) -> list[str]:
     """Stop every running component (with its task processes); return what was stopped."""
     running = running_components(settings)
+    # Task processes run in process groups of their own: found now, killed if they outlive the stop.
+    tasks = {child for pid in running.values() for child in descendants(pid)}
     groups = {}
     for component, pid in running.items():
         try:
@@ -242,9 +245,30 @@ def stop(settings: StackSettings, timeout: float = 30) -> list[str]:
                 os.killpg(groups[component], signal.SIGKILL)
             except ProcessLookupError:
                 pass
+    for child in tasks:
+        if _alive(child):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
     for component in running:
         _pid_file(settings, component).unlink(missing_ok=True)
     return list(running)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, their children, …), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo.extend(children.get(child, []))
+    return found
 
 
 @dataclass
