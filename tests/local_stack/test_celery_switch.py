@@ -85,3 +85,20 @@ def test_make_run_with_an_unreachable_broker_stops_before_anything_starts_with_o
     # Not even the embedded PostgreSQL was started.
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", postgres_port), timeout=2).close()
+
+
+def test_a_running_airflow_keeps_its_executor_until_make_stop(tmp_path):
+    """`AIRFLOW_EXECUTOR=celery make run` while a LocalExecutor stack runs would start workers nobody sends to."""
+    local = StackSettings(data_dir=tmp_path)
+    on_celery = StackSettings(data_dir=tmp_path, celery=CeleryOptions(REDIS))
+    run_dir = tmp_path / "airflow" / "run"
+    run_dir.mkdir(parents=True)
+    (run_dir / "executor").write_text("LocalExecutor")
+    (run_dir / "scheduler.pid").write_text(str(os.getpid()))  # a live process stands in for the scheduler
+    (run_dir / "celery-worker-1.pid").write_text(str(os.getpid()))
+    running = airflow.running_components(local)
+    assert running == {"scheduler": os.getpid(), "celery-worker-1": os.getpid()}  # found whatever the settings
+    with pytest.raises(airflow.AirflowError, match=r"running with the LocalExecutor here; run `make stop` first "
+                                                   r"to switch to the CeleryExecutor"):
+        airflow._check_executor(on_celery, running)
+    airflow._check_executor(local, running)
