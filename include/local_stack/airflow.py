@@ -10,7 +10,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -156,7 +155,7 @@ def running_components(settings: StackSettings) -> dict[str, int]:
 def _check_executor(settings: StackSettings, running: dict[str, int]) -> None:
     """A running Airflow keeps its executor: switching needs `make stop` first."""
     path = settings.airflow_home / "run" / "executor"
-    wanted = celery.executor_environment(settings.celery, "")["AIRFLOW__CORE__EXECUTOR"]
+    wanted = celery.executor_name(settings.celery)
     if running and path.exists() and path.read_text() != wanted:
         raise AirflowError(f"Airflow is running with the {path.read_text()} here; run `make stop` first to switch "
                            f"to the {wanted}")
@@ -209,7 +208,8 @@ def start(settings: StackSettings) -> None:
         # Started through a shell that exits at once: the component is orphaned to init, so it
         # outlives this command and is never a zombie child of it.
         log = logs / f"{component}.log"
-        _log_offset(settings, component).write_text(str(log.stat().st_size if log.exists() else 0))
+        if celery.is_worker(component):
+            celery.mark_log_start(log)
         launched = subprocess.run(
             ["sh", "-c", 'exec "$@" >>"$LOG" 2>&1 </dev/null & echo $!', "sh", _airflow_bin(), *arguments],
             env={**component_env, "LOG": str(log)},
@@ -329,7 +329,8 @@ def wait_until_healthy(settings: StackSettings, timeout: float = 180) -> Airflow
         try:
             health = client.get("/api/v2/monitor/health")
             unhealthy = [name for name, part in health.items() if part.get("status") != "healthy"]
-            unhealthy += [w for w in celery.worker_names(settings.celery) if not _worker_ready(settings, w)]
+            unhealthy += [w for w in celery.worker_names(settings.celery)
+                          if not celery.worker_ready(settings.airflow_home / "logs" / f"{w}.log", w)]
             if not unhealthy:
                 client.login()
                 return client
@@ -338,21 +339,6 @@ def wait_until_healthy(settings: StackSettings, timeout: float = 180) -> Airflow
             last = f"api-server not answering ({error})"
         time.sleep(1)
     raise AirflowError(f"Airflow did not become healthy in {timeout:.0f}s ({last}); see {settings.airflow_home}/logs")
-
-
-def _log_offset(settings: StackSettings, component: str) -> Path:
-    """Where the component's log stood when it was last started (its log is appended to)."""
-    return settings.airflow_home / "run" / f"{component}.log-offset"
-
-
-def _worker_ready(settings: StackSettings, worker: str) -> bool:
-    """Celery logs `<node>@<host> ready.` once the worker consumes from the broker."""
-    log, offset = settings.airflow_home / "logs" / f"{worker}.log", _log_offset(settings, worker)
-    if not (log.exists() and offset.exists()):
-        return False
-    with log.open("rb") as handle:
-        handle.seek(int(offset.read_text() or 0))
-        return re.search(rf"{re.escape(worker)}@\S+ ready\.".encode(), handle.read()) is not None
 
 
 def wait_for_dags(client: AirflowClient, dag_ids: list[str], timeout: float = 180) -> None:

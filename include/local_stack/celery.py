@@ -11,8 +11,10 @@ no broker.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 EXECUTOR_VARIABLE = "AIRFLOW_EXECUTOR"
@@ -96,12 +98,16 @@ def check_broker(options: CeleryOptions, timeout: float = 5) -> None:
                                f"{EXECUTOR_VARIABLE} to run on the LocalExecutor without a broker.") from None
 
 
+def executor_name(options: CeleryOptions | None) -> str:
+    return "LocalExecutor" if options is None else "CeleryExecutor"
+
+
 def executor_environment(options: CeleryOptions | None, result_backend_dsn: str) -> dict[str, str]:
     """What every Airflow process of a stack on this executor adds to its environment."""
     if options is None:
-        return {"AIRFLOW__CORE__EXECUTOR": "LocalExecutor"}
+        return {"AIRFLOW__CORE__EXECUTOR": executor_name(options)}
     return {
-        "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+        "AIRFLOW__CORE__EXECUTOR": executor_name(options),
         "AIRFLOW__CELERY__BROKER_URL": options.broker_url,
         "AIRFLOW__CELERY__RESULT_BACKEND": result_backend_dsn.replace("postgresql://", "db+postgresql+psycopg2://", 1),
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(options.concurrency),
@@ -137,3 +143,22 @@ def worker_hostname() -> str:
     host = socket.getfqdn()
     name = os.environ.get(WORKER_NAME_VARIABLE)
     return f"{name}@{host}" if name else host
+
+
+def _log_offset(log: Path) -> Path:
+    return log.with_name(f".{log.name}.start")
+
+
+def mark_log_start(log: Path) -> None:
+    """Note where a worker's log (appended to across restarts) stands as the worker starts."""
+    _log_offset(log).write_text(str(log.stat().st_size if log.exists() else 0))
+
+
+def worker_ready(log: Path, worker: str) -> bool:
+    """Celery logs `<node>@<host> ready.` once the worker consumes from the broker."""
+    offset = _log_offset(log)
+    if not (log.exists() and offset.exists()):
+        return False
+    with log.open("rb") as handle:
+        handle.seek(int(offset.read_text() or 0))
+        return re.search(rf"{re.escape(worker)}@\S+ ready\.".encode(), handle.read()) is not None
