@@ -1,4 +1,5 @@
-"""A real Airflow on this machine: scheduler, dag-processor, api-server and triggerer.
+"""A real Airflow on this machine: scheduler, dag-processor, api-server and triggerer (and Celery workers,
+include/local_stack/celery.py, when AIRFLOW_EXECUTOR=celery).
 
 Each component is its own detached process (it outlives `make run`), with a pid file and a log in
 the stack's data folder. The REST API is the only way this module talks to a running Airflow.
