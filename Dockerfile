@@ -6,7 +6,7 @@ FROM astrocrpublic.azurecr.io/runtime:3.3-2
 ENV AIRFLOW__COSMOS__ENABLE_TELEMETRY=False \
     AIRFLOW__USAGE_DATA_COLLECTION__ENABLED=False
 
-# dbt docs: the transform's dbt_docs task publishes into this folder and Cosmos' plugin (Airflow
+# dbt docs: the dbt_docs DAG's task publishes into this folder and Cosmos' plugin (Airflow
 # 3.1+) serves it under Browse > dbt Docs. `astro dev start` mounts include/ into every container,
 # so the task (scheduler container) and the api-server see the same folder. On Astro Cloud the
 # workers and the api-server share no disk: point "dir" at object storage instead, e.g.
@@ -16,6 +16,8 @@ ENV AIRFLOW__COSMOS__DBT_DOCS_PROJECTS='{"postgres_analytics": {"dir": "/usr/loc
 
 # dbt runs inside the Airflow worker through dbt's Python API (Cosmos InvocationMode.DBT_RUNNER),
 # so dbt-core and dbt-postgres come from requirements.txt; see the README for the measurements.
+# config/airflow_local_settings.py lands in $AIRFLOW_HOME/config, where Airflow imports it: the
+# scheduler (and a Celery worker) imports dbt and parses the DAGs once before forking task processes.
 # The manifest lets Cosmos render the transform DAG without running dbt at parse time. Parsed
 # with the profile, target and address Cosmos builds from airflow_settings.yaml's warehouse
 # connection, so every dbt task can reuse this parse (dbt keeps it only when those match).

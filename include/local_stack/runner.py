@@ -249,11 +249,28 @@ def failed_tasks(client: airflow.AirflowClient, dag_id: str, run_id: str) -> str
     return ", ".join(failed) or "no failed task recorded"
 
 
+# The last part of the task id of a task Cosmos renders for a dbt node (`<node>.run`, or `<node>_run`
+# for a node without tests); a node's tests are `<node>.test` (or `<name>_test` when detached).
+DBT_NODE_TASK_KINDS = ("run", "snapshot", "seed", "source", "build")
+
+
+def dbt_task_kind(task_id: str) -> str | None:
+    """"tests" for a task of dbt tests, "nodes" for a task of one dbt node, None for any other task
+    (the watcher's producer, its done marker, log_triggering_events)."""
+    last = task_id.rsplit(".", 1)[-1]
+    if last == "test" or last.endswith("_test"):
+        return "tests"
+    if last in DBT_NODE_TASK_KINDS or last.endswith(tuple(f"_{kind}" for kind in DBT_NODE_TASK_KINDS)):
+        return "nodes"
+    return None
+
+
 def transform_task_counts(client: airflow.AirflowClient, run_id: str) -> dict[str, int]:
     counts: Counter[str] = Counter()
     for ti in airflow.task_instances(client, TRANSFORM_DAG, run_id):
-        kind = "tests" if ti["task_id"].endswith("_test") or ".test" in ti["task_id"] else "nodes"
-        counts[f"{kind}_{ti['state']}"] += 1
+        kind = dbt_task_kind(ti["task_id"])
+        if kind:
+            counts[f"{kind}_{ti['state']}"] += 1
     return dict(counts)
 
 

@@ -7,12 +7,13 @@ import os
 import subprocess
 import sys
 from datetime import UTC
+from pathlib import Path
 
 import pytest
 
 from tests.dags.conftest import DAGS_FOLDER, PROJECT_ROOT, airflow_test_environment
 
-EXPECTED_DAGS = {"ingest_raw_tables", "transform_dbt", "report_corporate_actions"}
+EXPECTED_DAGS = {"ingest_raw_tables", "transform_dbt", "dbt_docs", "report_corporate_actions"}
 
 
 def test_every_dag_file_imports_without_error(dag_bag):
@@ -79,13 +80,75 @@ def test_transform_is_scheduled_on_every_raw_table_asset(dag_bag):
     assert {asset.uri for asset in condition.objects} == {warehouse_table_uri(t.target) for t in configured_tables()}
 
 
-def test_transform_renders_every_dbt_layer_as_tasks(dag_bag):
+def _manifest() -> dict:
+    return json.loads((PROJECT_ROOT / "dbt" / "target" / "manifest.json").read_text())
+
+
+def test_transform_renders_every_dbt_node_once_in_one_group_by_folder_after_its_upstream(dag_bag):
+    """Generated from the manifest: every snapshot, seed and model is one task, in the task group of its
+    folder, downstream of the tasks of the nodes it reads; each model's tests are a task right after it."""
+    from include.dbt_config import DBT_EXECUTION_MODE
+
     dag = dag_bag.dags["transform_dbt"]
-    groups = {task_id.split(".")[0] for task_id in dag.task_ids if "." in task_id}
-    assert {"snapshots", "staging", "intermediate", "marts"} <= groups
-    task_ids = set(dag.task_ids)
-    assert any(t.startswith("marts.fact_events") for t in task_ids)
-    assert any(t.endswith(".test") or "_test" in t for t in task_ids), "tests are not rendered as tasks"
+    nodes = {uid: node for uid, node in _manifest()["nodes"].items()
+             if node["resource_type"] in ("model", "snapshot", "seed")}  # fmt: skip
+    assert nodes
+    task_of = {}
+    for uid, node in nodes.items():
+        folders = ".".join(Path(node["original_file_path"]).parts[:-1])
+        kind = {"model": "run"}.get(node["resource_type"], node["resource_type"])
+        names = (f"dbt.{folders}.{node['name']}.{kind}", f"dbt.{folders}.{node['name']}_{kind}")
+        matching = [t for t in dag.task_ids if t in names]
+        assert len(matching) == 1, f"{uid}: {matching}"
+        task_of[uid] = matching[0]
+    for uid, node in nodes.items():
+        task = dag.get_task(task_of[uid])
+        upstream = task.get_flat_relative_ids(upstream=True)
+        for parent in node["depends_on"]["nodes"]:
+            if parent in task_of:
+                assert task_of[parent] in upstream, f"{uid} does not wait for {parent}"
+        tested = any(uid in t["depends_on"]["nodes"] for t in _manifest()["nodes"].values()
+                     if t["resource_type"] == "test")  # fmt: skip
+        if tested and task_of[uid].endswith(f".{task_of[uid].rsplit('.', 1)[-1]}"):
+            test_task = task_of[uid].rsplit(".", 1)[0] + ".test"
+            assert dag.get_task(test_task).upstream_task_ids == {task_of[uid]}
+    if DBT_EXECUTION_MODE == "watcher":
+        producers = [t for t in dag.task_ids if t.endswith("dbt_producer_watcher")]
+        assert producers == ["dbt.dbt_producer_watcher"], "one dbt build for the whole project"
+        sensor = dag.get_task(task_of[next(iter(nodes))])
+        assert (sensor.poke_interval, sensor.deferrable) == (1, False)
+
+
+def test_sources_with_freshness_are_checked_from_the_manifest(dag_bag):
+    dag = dag_bag.dags["transform_dbt"]
+    fresh = [uid for uid, source in _manifest()["sources"].items()
+             if any((source.get("freshness") or {}).get(level) for level in ("warn_after", "error_after"))]  # fmt: skip
+    rendered = [t for t in dag.task_ids if t.endswith(("source", "_source"))]
+    assert len(rendered) == len(fresh) > 0
+
+
+def test_a_selector_matching_no_node_fails_at_parse_time_naming_it(dag_bag):
+    from airflow.sdk import DAG
+
+    from include.dbt_config import DbtSelectionError, transform_task_group
+
+    with pytest.raises(DbtSelectionError, match="'path:models/nowhere'"):
+        with DAG("selection_probe", schedule=None):
+            transform_task_group(select=["path:models/nowhere"])
+
+
+def test_docs_follow_every_final_model_of_the_project(dag_bag):
+    from include.pipeline import warehouse_table_uri
+
+    nodes = _manifest()["nodes"]
+    models = {uid: n for uid, n in nodes.items() if n["resource_type"] == "model"}
+    read = {parent for n in models.values() for parent in n["depends_on"]["nodes"]}
+    finals = {warehouse_table_uri(f"{n['schema']}.{n['alias']}") for uid, n in models.items() if uid not in read}
+    dag = dag_bag.dags["dbt_docs"]
+    condition = dag.timetable.asset_condition
+    assert type(condition).__name__ == "AssetAll"
+    assert {asset.uri for asset in condition.objects} == finals
+    assert [task.task_id for task in dag.tasks] == ["dbt_docs"]
 
 
 def test_parsing_the_dags_folder_takes_under_two_seconds(tmp_path):
@@ -107,7 +170,7 @@ def test_parsing_the_dags_folder_takes_under_two_seconds(tmp_path):
 
 def test_ruff_with_airflow3_rules_passes_on_dags_and_include():
     result = subprocess.run(
-        [os.path.join(os.path.dirname(sys.executable), "ruff"), "check", "dags", "include"],
+        [os.path.join(os.path.dirname(sys.executable), "ruff"), "check", "dags", "include", "config"],
         cwd=PROJECT_ROOT, capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
