@@ -175,6 +175,12 @@ def test_the_transform_follows_on_both_workers_and_the_marts_equal_python(killed
     _check_marts(SimpleNamespace(initial=state), "initial")
 
 
+def test_the_summary_names_the_executor_its_workers_and_the_masked_broker(killed_worker_run):
+    run = killed_worker_run
+    text = runner.summary(run.stack.settings, run.stack.client, run.pipeline, 1.0)
+    assert f"  Executor: CeleryExecutor, 2 workers × 2 slots, broker {BROKER_URL}." in text.splitlines()
+
+
 def test_a_holder_without_a_slot_for_its_ranges_fails_with_the_promised_message(server_dirs):
     """One worker with one slot: the holder takes it, no range can start. Never a hang."""
     stack = celery_stack(server_dirs, "celery-starved", workers=1, concurrency=1,
@@ -208,3 +214,4 @@ def test_a_holder_without_a_slot_for_its_ranges_fails_with_the_promised_message(
     readme = (stack.settings.root / "README.md").read_text()
     assert "none of its 4 copy_range tasks started within" in readme
     assert raw_rows == 0
+
