@@ -170,7 +170,12 @@ def test_the_transform_follows_on_both_workers_and_the_marts_equal_python(killed
     assert (transform["run_type"], transform["state"]) == ("asset_triggered", "success")
     tis = list(airflow.task_instances(run.stack.client, runner.TRANSFORM_DAG, transform["dag_run_id"]))
     assert {ti["state"] for ti in tis} == {"success"} and len(tis) >= 10
-    assert {ti["hostname"].split("@")[0] for ti in tis} == {"celery-worker-1", "celery-worker-2"}
+    # Empty placeholders (no-op nodes) are marked done by the scheduler and run on no worker.
+    ran = [ti for ti in tis if ti["hostname"]]
+    assert len(ran) >= 10
+    assert {ti["hostname"].split("@")[0] for ti in ran} == {"celery-worker-1", "celery-worker-2"}
+    producers = [ti for ti in ran if ti["task_id"].endswith("dbt_producer_watcher")]
+    assert len(producers) == (1 if os.environ.get("DBT_EXECUTION_MODE", "watcher") == "watcher" else 0)
     state = warehouse_state(run.stack.settings.database_url(WAREHOUSE_CONN_ID), with_tables=True)
     _check_marts(SimpleNamespace(initial=state), "initial")
 
