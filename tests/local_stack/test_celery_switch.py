@@ -18,21 +18,21 @@ REDIS = os.environ.get("CELERY_TEST_BROKER_URL", "redis://127.0.0.1:6379/3")
 RABBITMQ = "amqp://guest:guest@127.0.0.1:5672//"
 
 
-def test_the_default_is_the_local_executor_and_needs_no_broker():
+def test_the_default_is_the_local_executor_and_needs_no_broker(tmp_path):
     assert options_from_environment({}) is None
     assert options_from_environment({"AIRFLOW_EXECUTOR": "local"}) is None
-    env = airflow.airflow_environment(StackSettings(data_dir=PROJECT_ROOT / ".data-unused"))
+    env = airflow.airflow_environment(StackSettings(data_dir=tmp_path))
     assert env["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
     assert not any(key.startswith("AIRFLOW__CELERY__") for key in env if key not in os.environ)
 
 
-def test_celery_takes_the_broker_workers_and_slots_and_keeps_the_password_out_of_repr():
+def test_celery_takes_the_broker_workers_and_slots_and_keeps_the_password_out_of_repr(tmp_path):
     options = options_from_environment({"AIRFLOW_EXECUTOR": "celery", "CELERY_BROKER_URL": "redis://:pw9@h:6379/2",
                                         "CELERY_WORKERS": "3", "CELERY_WORKER_CONCURRENCY": "4"})
     assert (options.workers, options.concurrency, options.slots) == (3, 4, 12)
     assert "pw9" not in repr(options) and "pw9" not in options.describe()
     assert options.describe() == "CeleryExecutor, 3 workers × 4 slots, broker redis://:***@h:6379/2"
-    settings = StackSettings(data_dir=PROJECT_ROOT / ".data-unused", celery=options)
+    settings = StackSettings(data_dir=tmp_path, celery=options)
     assert "pw9" not in repr(settings)
     env = airflow.airflow_environment(settings)
     assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
