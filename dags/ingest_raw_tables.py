@@ -14,7 +14,9 @@ column, delete detection and checksum validation.
   into a staging table; `finish` swaps the staged rows into the raw table in one transaction.
   An incremental table past its first load has no ranges: `copy_range` is skipped and `finish`
   runs the normal sync. `hold_snapshot` is outside the pool, so it never takes a slot that its
-  ranges wait for. To restart a failed large-table copy, clear its task group from `plan`.
+  ranges wait for; if none of its ranges gets a worker slot within 10 minutes (all taken, e.g. by
+  other holders), it lets go and fails with a message saying how many slots to give the workers.
+  To restart a failed large-table copy, clear its task group from `plan`.
 - A failure alerts through Slack and email when the `slack_alerts` / `smtp_alerts` connections
   exist (docs/alerts.md); a validation mismatch alerts too and fails without retrying.
 - Each successful copy emits an event on its raw table's Asset, with the rows inserted, updated and
@@ -35,6 +37,7 @@ from include.ingestion import (
     hold_snapshot_in_task,
     is_large,
     plan_ranges,
+    ranges_started,
     sync_in_task,
 )
 from include.pipeline import (
@@ -85,7 +88,7 @@ def ingest_raw_tables():
     def hold_snapshot(table_name: str, parts: list[dict]) -> str:
         context = get_current_context()
         return hold_snapshot_in_task(table_name, database_dsn(SOURCE_CONN_ID), database_dsn(WAREHOUSE_CONN_ID),
-                                     parts, context)
+                                     parts, context, ranges_started(context["ti"], "copy_range"))
 
     @task(pool=SOURCE_POOL, map_index_template="{{ key_range }}")
     def copy_range(table_name: str, part: dict) -> dict:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor, wait
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -33,6 +36,25 @@ T = TypeVar("T")
 HOLD_TIMEOUT = timedelta(hours=2)
 # How long a range waits for its snapshot to be exported (the holder may start after it).
 SNAPSHOT_WAIT = timedelta(minutes=10)
+# How long the holder waits for the first of its ranges to start. On Celery or Kubernetes the holder
+# takes a worker slot for the whole copy; when every other slot is taken too (by other holders, or
+# a worker with one slot), the ranges would wait for the holder's timeout of hours. Past this the
+# holder lets go and fails with SlotsExhaustedError's message. INGEST_RANGES_START_TIMEOUT_S sets it.
+RANGES_START_TIMEOUT = timedelta(seconds=float(os.environ.get("INGEST_RANGES_START_TIMEOUT_S", "600")))
+# The task states of a range that has got a worker slot (running now, or ran already).
+STARTED_STATES = ("running", "success", "failed", "up_for_retry", "up_for_reschedule", "restarting", "skipped")
+
+
+class SlotsExhaustedError(TerminalError):
+    """None of a large table's key ranges got a worker slot while its snapshot holder held one."""
+
+    def __init__(self, table: str, ranges: int, waited: timedelta) -> None:
+        super().__init__(
+            f"none of its {ranges} copy_range tasks started within {waited.total_seconds():.0f}s of hold_snapshot "
+            f"starting: every worker slot is taken, and hold_snapshot holds one for the whole copy. Give the "
+            f"workers at least 2 slots per large table copied at the same time ({1 + ranges} to copy all its "
+            "ranges at once; README, 'Sizing worker slots'), then clear the table's task group from its plan task",
+            table=table)
 
 
 def configured_tables() -> list[TableConfig]:
@@ -109,11 +131,49 @@ def _plan_of(name: str, parts: list[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def hold_snapshot_in_task(name: str, source_dsn: str, warehouse_dsn: str, parts: list[Mapping[str, Any]],
-                          context: Mapping[str, Any]) -> str:
-    """Hold the plan's source snapshot while the range tasks and the finish task run."""
+                          context: Mapping[str, Any], ranges_started: Callable[[], int] | None = None) -> str:
+    """Hold the plan's source snapshot while the range tasks and the finish task run.
+
+    `ranges_started` counts the plan's range tasks that have got a worker slot; until one has,
+    the hold is bounded by RANGES_START_TIMEOUT (then the whole copy by HOLD_TIMEOUT). Without
+    it (the ranges run in threads of this process) only HOLD_TIMEOUT bounds the hold.
+    """
     plan = _plan_of(name, parts)
-    return _step(name, warehouse_dsn, plan, context, lambda: hold_snapshot(
-        source_dsn, warehouse_dsn, table_config(name), plan, timeout_s=HOLD_TIMEOUT.total_seconds()))
+
+    def hold() -> str:
+        return hold_snapshot(source_dsn, warehouse_dsn, table_config(name), plan,
+                             timeout_s=HOLD_TIMEOUT.total_seconds())
+
+    def give_up(error: SlotsExhaustedError) -> None:
+        abandon_parallel_copy(warehouse_dsn, table_config(name), plan, str(error))
+
+    if ranges_started is None:
+        return _step(name, warehouse_dsn, plan, context, hold)
+    return _step(name, warehouse_dsn, plan, context, lambda: hold_until_ranges_start(
+        name, len(parts), hold, ranges_started, give_up, RANGES_START_TIMEOUT))
+
+
+def hold_until_ranges_start(name: str, ranges: int, hold: Callable[[], str], ranges_started: Callable[[], int],
+                            give_up: Callable[[SlotsExhaustedError], None], timeout: timedelta,
+                            poll_s: float = 5.0) -> str:
+    """Run `hold` (which blocks until the copy ends) and watch that a range starts within `timeout`.
+
+    If none has, `give_up` releases the snapshot (so `hold` returns) and SlotsExhaustedError is raised.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hold_snapshot") as pool:
+        holder = pool.submit(hold)
+        deadline = time.monotonic() + timeout.total_seconds()
+        while ranges and not holder.done():
+            if ranges_started() > 0:
+                break  # a range has a slot: the others follow as slots free up
+            if time.monotonic() > deadline:
+                error = SlotsExhaustedError(name, ranges, timeout)
+                logger.error("%s", error)
+                give_up(error)
+                holder.result()
+                raise error
+            wait([holder], timeout=poll_s)
+        return holder.result()
 
 
 def copy_range_in_task(name: str, source_dsn: str, warehouse_dsn: str, part: Mapping[str, Any],
@@ -175,3 +235,16 @@ def _abandon(name: str, warehouse_dsn: str, plan: Mapping[str, Any] | None, cont
         return
     task_id = getattr(context.get("ti"), "task_id", "a step") if context else "a step"
     abandon_parallel_copy(warehouse_dsn, table_config(name), plan, f"{task_id} failed: {reason}")
+
+
+def ranges_started(ti: Any, range_task: str) -> Callable[[], int]:
+    """How many of the holder's sibling range tasks (same group, same run) have got a worker slot,
+    asked through the Task SDK (the task's own Execution API; no metadata database access)."""
+    group = ti.task_id.rpartition(".")[0]
+    task_id = f"{group}.{range_task}" if group else range_task
+
+    def count() -> int:
+        return int(ti.get_ti_count(dag_id=ti.dag_id, task_ids=[task_id], run_ids=[ti.run_id],
+                                   states=list(STARTED_STATES)))
+
+    return count

@@ -113,3 +113,45 @@ def test_the_dbt_docs_entry_names_the_dbt_project_in_the_image_and_the_local_sta
     assert image_entry[project]["dir"] == "/usr/local/airflow/include/dbt_docs"  # inside the Astro project
     assert local_entry[project]["dir"] == str(tmp_path / "data" / "dbt_docs")
     assert image_entry[project]["name"] == local_entry[project]["name"]
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_the_celery_provider_and_everything_it_needs_are_locked_at_versions_it_accepts():
+    """The CeleryExecutor of the local stack: its provider pinned for the local install, and every package
+    it pulls in (with the extras asked for, `celery[redis]`, `kombu[redis]`) locked at a version it accepts."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    local = pins(ROOT / "requirements-local.txt")
+    assert local["apache-airflow-providers-celery"] == "3.26.0"
+    locked = {_canonical(name): pinned for name, pinned in pins(ROOT / "constraints.txt").items()}
+    seen: set[tuple[str, str]] = set()
+    todo = [("apache-airflow-providers-celery", "")]
+    while todo:
+        package, extra = todo.pop()
+        if (package, extra) in seen:
+            continue
+        seen.add((package, extra))
+        for line in requires(package) or []:
+            requirement = Requirement(line)
+            if requirement.marker and not requirement.marker.evaluate({"extra": extra}):
+                continue
+            name = _canonical(requirement.name)
+            assert name in locked, f"{package}[{extra}] needs {requirement}; constraints.txt does not lock it"
+            assert requirement.specifier.contains(locked[name], prereleases=True), (
+                f"{package}[{extra}] needs {requirement}; constraints.txt locks {name}=={locked[name]}")
+            todo.extend((name, wanted) for wanted in requirement.extras or {""})
+    assert {"celery", "kombu", "redis", "amqp", "apache-airflow"} <= {package for package, _ in seen}
+
+
+def test_the_deploy_images_bring_their_own_celery_provider_and_the_docs_say_so():
+    """Astro Runtime and MWAA run their workers with the provider of their Airflow: a pin would fight it."""
+    for path in (ROOT / "requirements.txt", ROOT / "mwaa" / "requirements.txt"):
+        assert "providers-celery" not in path.read_text(), path
+    deploy_doc = " ".join((ROOT / "docs" / "deploy.md").read_text().split())
+    assert "`apache-airflow-providers-celery==3.26.0`" in deploy_doc
+    assert "Astro Runtime ships it" in deploy_doc and "MWAA's image runs its workers with it" in deploy_doc

@@ -8,7 +8,7 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from include.local_stack import airflow, runner
+from include.local_stack import airflow, celery, runner
 from include.local_stack.settings import SOURCE_CONN_ID, StackSettings
 
 
@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="tick: the seed of the change batch")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    settings = StackSettings.from_environment()
     try:
+        settings = StackSettings.from_environment()
         if args.command == "run":
             print(runner.run(settings))
         elif args.command == "up":
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             seed = args.seed if args.seed is not None else int(time.time())
             changed = tick(settings.database_url(SOURCE_CONN_ID), seed=seed, now=datetime.now(UTC))
             print(f"Applied to the source: {changed}. `make run` copies the changes and runs dbt.")
-    except (runner.StackError, airflow.AirflowError) as error:
+    except (runner.StackError, airflow.AirflowError, celery.CeleryStackError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -1,4 +1,5 @@
-"""A real Airflow on this machine: scheduler, dag-processor, api-server and triggerer.
+"""A real Airflow on this machine: scheduler, dag-processor, api-server and triggerer (and Celery workers,
+include/local_stack/celery.py, when AIRFLOW_EXECUTOR=celery).
 
 Each component is its own detached process (it outlives `make run`), with a pid file and a log in
 the stack's data folder. The REST API is the only way this module talks to a running Airflow.
@@ -6,6 +7,7 @@ the stack's data folder. The REST API is the only way this module talks to a run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,6 +25,7 @@ from typing import Any
 
 from psycopg.conninfo import conninfo_to_dict
 
+from include.local_stack import celery
 from include.local_stack.postgres import free_port
 from include.local_stack.settings import SOURCE_CONN_ID, WAREHOUSE_CONN_ID, StackSettings
 
@@ -72,7 +75,6 @@ def airflow_environment(settings: StackSettings) -> dict[str, str]:
             "AIRFLOW__CORE__DAGS_FOLDER": str(settings.root / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(settings.root / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             "AIRFLOW__CORE__PARALLELISM": "8",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__CORE__FERNET_KEY": settings.secret("fernet_key"),
@@ -109,8 +111,14 @@ def airflow_environment(settings: StackSettings) -> dict[str, str]:
             ),
         }
     )
+    env.update(celery.executor_environment(settings.celery, settings.embedded_dsn("airflow")))
     env.update(settings.extra_env)
     return env
+
+
+def components(settings: StackSettings) -> list[str]:
+    """The processes this stack runs: Airflow's components, and its Celery workers if any."""
+    return [*COMPONENTS, *celery.worker_names(settings.celery)]
 
 
 def _airflow_bin() -> str:
@@ -136,14 +144,27 @@ def _alive(pid: int) -> bool:
 
 
 def running_components(settings: StackSettings) -> dict[str, int]:
+    """Every component with a live pid file, workers included whatever the current settings say
+    (`make stop` without AIRFLOW_EXECUTOR=celery stops them too)."""
     found = {}
-    for component in COMPONENTS:
-        path = _pid_file(settings, component)
-        if path.exists():
+    run_dir = settings.airflow_home / "run"
+    for path in sorted(run_dir.glob("*.pid")) if run_dir.is_dir() else []:
+        component = path.stem
+        if component in COMPONENTS or celery.is_worker(component):
             pid = int(path.read_text())
             if _alive(pid):
                 found[component] = pid
     return found
+
+
+def _check_executor(settings: StackSettings, running: dict[str, int]) -> None:
+    """A running Airflow keeps its executor: switching needs `make stop` first."""
+    path = settings.airflow_home / "run" / "executor"
+    wanted = celery.executor_name(settings.celery)
+    if running and path.exists() and path.read_text() != wanted:
+        raise AirflowError(f"Airflow is running with the {path.read_text()} here; run `make stop` first to switch "
+                           f"to the {wanted}")
+    path.write_text(wanted)
 
 
 def _write_passwords_file(settings: StackSettings) -> None:
@@ -180,15 +201,23 @@ def start(settings: StackSettings) -> None:
     logs = settings.airflow_home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     already = running_components(settings)
-    for component in COMPONENTS:
+    _check_executor(settings, already)
+    for component in components(settings):
         if component in already:
             continue
+        arguments, component_env = [component], env
+        if celery.is_worker(component):
+            assert settings.celery is not None
+            arguments = celery.worker_arguments(settings.celery, component, settings.airflow_home / "run")
+            component_env = {**env, **celery.worker_environment(component)}
         # Started through a shell that exits at once: the component is orphaned to init, so it
         # outlives this command and is never a zombie child of it.
         log = logs / f"{component}.log"
+        if celery.is_worker(component):
+            celery.mark_log_start(log)
         launched = subprocess.run(
-            ["sh", "-c", 'exec "$@" >>"$LOG" 2>&1 </dev/null & echo $!', "sh", _airflow_bin(), component],
-            env={**env, "LOG": str(log)},
+            ["sh", "-c", 'exec "$@" >>"$LOG" 2>&1 </dev/null & echo $!', "sh", _airflow_bin(), *arguments],
+            env={**component_env, "LOG": str(log)},
             cwd=settings.root,
             start_new_session=True,
             capture_output=True,
@@ -203,6 +232,8 @@ def start(settings: StackSettings) -> None:
 def stop(settings: StackSettings, timeout: float = 30) -> list[str]:
     """Stop every running component (with its task processes); return what was stopped."""
     running = running_components(settings)
+    # Task processes run in process groups of their own: found now, killed if they outlive the stop.
+    tasks = {child for pid in running.values() for child in descendants(pid)}
     groups = {}
     for component, pid in running.items():
         try:
@@ -219,9 +250,30 @@ def stop(settings: StackSettings, timeout: float = 30) -> list[str]:
                 os.killpg(groups[component], signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    for component in COMPONENTS:
+    for child in tasks:
+        if _alive(child):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+    for component in running:
         _pid_file(settings, component).unlink(missing_ok=True)
     return list(running)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, their children, …), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo.extend(children.get(child, []))
+    return found
 
 
 @dataclass
@@ -274,7 +326,7 @@ def wait_until_healthy(settings: StackSettings, timeout: float = 180) -> Airflow
     deadline = time.monotonic() + timeout
     last = "api-server not answering"
     while time.monotonic() < deadline:
-        missing = [c for c in COMPONENTS if c not in running_components(settings)]
+        missing = [c for c in components(settings) if c not in running_components(settings)]
         if missing:
             raise AirflowError(
                 f"Airflow {', '.join(missing)} exited; see {settings.airflow_home / 'logs'}/<component>.log"
@@ -282,6 +334,8 @@ def wait_until_healthy(settings: StackSettings, timeout: float = 180) -> Airflow
         try:
             health = client.get("/api/v2/monitor/health")
             unhealthy = [name for name, part in health.items() if part.get("status") != "healthy"]
+            unhealthy += [w for w in celery.worker_names(settings.celery)
+                          if not celery.worker_ready(settings.airflow_home / "logs" / f"{w}.log", w)]
             if not unhealthy:
                 client.login()
                 return client

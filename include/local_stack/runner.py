@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 
-from include.local_stack import airflow
+from include.local_stack import airflow, celery
 from include.local_stack.postgres import EmbeddedPostgres, create_database
 from include.local_stack.settings import (
     SOURCE_CONN_ID,
@@ -154,6 +154,15 @@ def build_manifest(settings: StackSettings) -> Path:
     return manifest
 
 
+def check_broker(settings: StackSettings) -> None:
+    """On the CeleryExecutor, the broker must answer before anything starts."""
+    if settings.celery is not None:
+        try:
+            celery.check_broker(settings.celery)
+        except celery.CeleryStackError as error:
+            raise StackError(str(error)) from None
+
+
 def start_airflow(settings: StackSettings) -> airflow.AirflowClient:
     if not airflow.running_components(settings):
         airflow.migrate_database(settings)
@@ -280,6 +289,7 @@ def summary(settings: StackSettings, client: airflow.AirflowClient, run: Pipelin
         f"    nodes run: {counts.get('nodes_success', 0)} succeeded, {counts.get('nodes_failed', 0)} failed",
         f"    tests:     {counts.get('tests_success', 0)} passed, {counts.get('tests_failed', 0)} failed",
         f"  Time: {total_seconds:.0f} s in all, {run.seconds:.0f} s from trigger to transformed marts.",
+        f"  Executor: {settings.celery.describe() if settings.celery else 'LocalExecutor'}.",
         f"  Airflow UI: {settings.api_url}  (login: {airflow.ADMIN_USER} / {airflow.admin_password(settings)})",
         "  Stop everything with `make stop`; `make tick` changes the source, `make run` copies it again.",
     ]
@@ -289,6 +299,7 @@ def summary(settings: StackSettings, client: airflow.AirflowClient, run: Pipelin
 def run(settings: StackSettings) -> str:
     started = time.monotonic()
     with exclusive(settings):
+        check_broker(settings)
         start_databases(settings)
         generated = ensure_demo_data(settings)
         if generated:
@@ -301,6 +312,7 @@ def run(settings: StackSettings) -> str:
 
 def up(settings: StackSettings) -> airflow.AirflowClient:
     with exclusive(settings):
+        check_broker(settings)
         start_databases(settings)
         ensure_demo_data(settings)
         build_manifest(settings)

@@ -17,6 +17,8 @@ from urllib.parse import quote
 import yaml
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from include.local_stack.celery import CeleryOptions, options_from_environment
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SETTINGS_FILE = PROJECT_ROOT / "airflow_settings.yaml"
 
@@ -59,6 +61,8 @@ class StackSettings:
     demo_events: int = 100_000
     demo_seed: int = 42
     extra_env: dict[str, str] = field(default_factory=dict)
+    # None: the LocalExecutor. AIRFLOW_EXECUTOR=celery: Celery workers (include/local_stack/celery.py).
+    celery: CeleryOptions | None = None
 
     @classmethod
     def from_environment(cls) -> StackSettings:
@@ -69,6 +73,7 @@ class StackSettings:
             warehouse_url=os.environ.get("WAREHOUSE_DATABASE_URL") or None,
             demo_securities=int(os.environ.get("DEMO_SECURITIES", "10000")),
             demo_events=int(os.environ.get("DEMO_EVENTS", "100000")),
+            celery=options_from_environment(),
         )
 
     @property
