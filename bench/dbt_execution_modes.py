@@ -24,9 +24,10 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from include.dbt_project import dbt_arguments, dbt_invocation
 from include.local_stack import airflow, runner
 from include.local_stack.postgres import free_port
-from include.local_stack.settings import PROJECT_ROOT, StackSettings
+from include.local_stack.settings import PROJECT_ROOT, WAREHOUSE_CONN_ID, StackSettings
 
 DBT_VENV = PROJECT_ROOT / ".venv-dbt"
 
@@ -131,11 +132,13 @@ def time_transform(settings: StackSettings) -> float:
 def time_dbt(settings: StackSettings, *commands: list[str]) -> float:
     """dbt commands one after the other, each its own `dbt` process, as a person would type them."""
     started = time.perf_counter()
+    profiles = settings.data_dir / "dbt-profiles"
+    env = dbt_invocation(settings.database_url(WAREHOUSE_CONN_ID), profiles)
     for command in commands:
         subprocess.run(
-            [str(Path(sys.executable).with_name("dbt")), *command, "--project-dir", "dbt", "--profiles-dir", "dbt",
+            [str(Path(sys.executable).with_name("dbt")), *command, *dbt_arguments(settings.dbt_project_dir, profiles),
              "--target-path", str(settings.data_dir / "dbt-target"), "--quiet"],
-            cwd=PROJECT_ROOT, env=runner.dbt_environment(settings), check=True,
+            cwd=PROJECT_ROOT, env=env, check=True,
         )  # fmt: skip
     return time.perf_counter() - started
 

@@ -5,9 +5,10 @@ Runs the dbt project in `dbt/` against the warehouse (`warehouse_postgres`), ren
 Astronomer Cosmos: every snapshot, model and test is its own task, layer by layer
 (snapshots → staging → intermediate → marts).
 
-**Scheduled on the raw tables' Assets**, all of them (`&`): the transform runs once every raw
-table has been refreshed since its last run, so the marts never join a fresh table to a stale one,
-and a table whose copy failed does not trigger it.
+**Scheduled on the raw tables' Assets**, all of them: the transform runs once every raw table of
+`include/config/tables.yml` has been refreshed since its last run, so the marts never join a fresh
+table to a stale one, and a table whose copy failed does not trigger it. With no tables configured
+(a dbt-only project) it runs on the file's `schedule:` instead.
 
 **Source freshness first.** `source_freshness` runs `dbt source freshness` on the raw tables (the
 newest `updated_at` / `changed_at` against the thresholds in `dbt/models/staging/_raw__sources.yml`).
@@ -36,10 +37,9 @@ from include.dbt_config import (
     render_config,
     source_freshness_task,
 )
-from include.ingestion import configured_tables
-from include.pipeline import describe_asset_events, task_defaults, warehouse_table_asset
+from include.ingestion import transform_schedule
+from include.pipeline import describe_asset_events, task_defaults
 
-RAW_ASSETS = [warehouse_table_asset(table.target) for table in configured_tables()]
 LAYERS = {
     "snapshots": "path:snapshots",
     "staging": "path:models/staging",
@@ -48,15 +48,8 @@ LAYERS = {
 }
 
 
-def _all_of(assets):
-    condition = assets[0]
-    for asset in assets[1:]:
-        condition = condition & asset
-    return condition
-
-
 @dag(
-    schedule=_all_of(RAW_ASSETS),
+    schedule=transform_schedule(),
     start_date=datetime(2026, 1, 1, tzinfo=UTC),
     catchup=False,
     max_active_runs=1,

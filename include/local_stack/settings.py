@@ -17,12 +17,18 @@ from urllib.parse import quote
 import yaml
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from include.dbt_project import dbt_project_dir
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SETTINGS_FILE = PROJECT_ROOT / "airflow_settings.yaml"
 
 SOURCE_CONN_ID = "source_postgres"
 WAREHOUSE_CONN_ID = "warehouse_postgres"
 _URL_VARIABLES = {SOURCE_CONN_ID: "SOURCE_DATABASE_URL", WAREHOUSE_CONN_ID: "WAREHOUSE_DATABASE_URL"}
+
+
+class StackError(RuntimeError):
+    """Set-up cannot go on; the message names what is wrong and what to do."""
 
 
 def load_airflow_settings(path: Path = SETTINGS_FILE) -> dict[str, Any]:
@@ -58,6 +64,8 @@ class StackSettings:
     demo_securities: int = 10_000
     demo_events: int = 100_000
     demo_seed: int = 42
+    # The dbt project the stack runs: dbt/, or the folder DBT_PROJECT_DIR names.
+    dbt_project_dir: Path = field(default_factory=dbt_project_dir)
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -69,6 +77,7 @@ class StackSettings:
             warehouse_url=os.environ.get("WAREHOUSE_DATABASE_URL") or None,
             demo_securities=int(os.environ.get("DEMO_SECURITIES", "10000")),
             demo_events=int(os.environ.get("DEMO_EVENTS", "100000")),
+            dbt_project_dir=dbt_project_dir(),
         )
 
     @property
