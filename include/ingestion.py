@@ -6,6 +6,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 from include.alerts import send_validation_alert
@@ -51,7 +52,7 @@ class ScheduleError(ValueError):
     """`schedule:` in the table configuration is not a cron expression, a preset or `none`."""
 
 
-def pipeline_schedule() -> str | None:
+def pipeline_schedule(config_path: Path | None = None) -> str | None:
     """When the pipeline starts on its own: `schedule:` of the table configuration (a cron
     expression, a preset such as `@hourly`, or `none` for manual runs only), `@daily` by default.
 
@@ -64,9 +65,10 @@ def pipeline_schedule() -> str | None:
     value = os.environ.get(SCHEDULE_VARIABLE)
     where = SCHEDULE_VARIABLE
     if value is None:
-        document = yaml.safe_load(TABLES_CONFIG.read_text()) or {}
+        path = config_path or TABLES_CONFIG
+        document = yaml.safe_load(path.read_text()) or {}
         value = document.get("schedule", DEFAULT_SCHEDULE)
-        where = f"`schedule:` in {TABLES_CONFIG.name}"
+        where = f"`schedule:` in {path.name}"
     if value is None or str(value).strip().lower() in ("", "none", "null"):
         return None
     value = str(value).strip()

@@ -60,13 +60,20 @@ def _suggest_port(port: int) -> int:
 
 
 def check_tables_config() -> int:
-    """The table configuration (and its `schedule:`) can be read; returns how many tables it lists."""
-    try:
-        from include.ingestion import configured_tables, ingestion_schedule
+    """The table configuration (and its `schedule:`) can be read; returns how many tables it lists.
 
-        tables = configured_tables()
-        ingestion_schedule()
-    except (FileNotFoundError, ValueError) as error:  # ConfigFileMissing, the engine's ConfigError
+    Read afresh (not the path the modules computed when first imported): PIPELINE_ENVIRONMENT may have changed.
+    """
+    from include.copy_engine import ConfigError, load_config
+
+    try:
+        from include.ingestion import pipeline_schedule
+        from include.pipeline import tables_config_path
+
+        path = tables_config_path()
+        tables = load_config(path).tables
+        pipeline_schedule(path)
+    except (FileNotFoundError, ValueError, ConfigError) as error:  # ConfigFileMissing, ScheduleError, a bad table
         raise StackError(f"Configuration: {error}") from None
     return len(tables)
 
@@ -76,7 +83,7 @@ def check_dag_files(env: Mapping[str, str], dags_folder: Path) -> None:
     script = (
         "import json, sys\n"
         "from airflow.dag_processing.dagbag import DagBag\n"
-        "bag = DagBag(dag_folder=sys.argv[1], include_examples=False)\n"
+        "bag = DagBag(dag_folder=sys.argv[1])\n"
         "print('DAGBAG ' + json.dumps(bag.import_errors))\n"
     )
     result = subprocess.run([sys.executable, "-c", script, str(dags_folder)], env=dict(env), capture_output=True,
@@ -116,7 +123,9 @@ def fingerprint(env: Mapping[str, str], root: Path) -> dict[str, str]:
     """A digest per setting the running Airflow depends on, and of the Python code it imports."""
     digests = {key: _digest(value.encode()) for key, value in env.items() if key.startswith(_FINGERPRINTED_PREFIXES)}
     for folder in ("include", "plugins"):
-        files = sorted(p for p in (root / folder).rglob("*.py") if "__pycache__" not in p.parts)
+        # The local stack's own code runs in `make run`, never inside Airflow.
+        files = sorted(p for p in (root / folder).rglob("*.py")
+                       if "__pycache__" not in p.parts and "local_stack" not in p.parts)  # fmt: skip
         digests[f"{folder}/ (Python code)"] = _digest(b"".join(p.read_bytes() for p in files))
     return digests
 
@@ -128,6 +137,12 @@ def _digest(data: bytes) -> str:
 def record_fingerprint(run_dir: Path, digests: Mapping[str, str]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / _FINGERPRINT_FILE).write_text(json.dumps(dict(digests), sort_keys=True))
+
+
+def started_with(run_dir: Path, env: Mapping[str, str], key: str) -> bool:
+    """Whether the running Airflow was started with this value of `key` (e.g. its api-server port)."""
+    path = run_dir / _FINGERPRINT_FILE
+    return path.exists() and json.loads(path.read_text()).get(key) == _digest(env.get(key, "").encode())
 
 
 def changed_since_start(run_dir: Path, digests: Mapping[str, str]) -> list[str]:

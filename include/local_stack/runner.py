@@ -78,9 +78,10 @@ def start_databases(settings: StackSettings) -> None:
 
 def demo_in_use() -> bool:
     """The table configuration copies the demo's source tables (the template's default content)."""
-    from include.ingestion import configured_tables
+    from include.copy_engine import load_config
+    from include.pipeline import tables_config_path
 
-    return set(DEMO_SOURCES) <= {table.source for table in configured_tables()}
+    return set(DEMO_SOURCES) <= {table.source for table in load_config(tables_config_path()).tables}
 
 
 def ensure_demo_data(settings: StackSettings) -> dict[str, Any] | None:
@@ -302,8 +303,9 @@ def summary(settings: StackSettings, client: airflow.AirflowClient, run: Pipelin
 
 def prepare(settings: StackSettings) -> airflow.AirflowClient:
     """Everything before a run: checks first (one line each), then databases, manifest, Airflow."""
-    preflight.check_ports(settings, airflow_running="api-server" in airflow.running_components(settings),
-                          postgres_running=embedded_postgres(settings).is_running())  # fmt: skip
+    ours = "api-server" in airflow.running_components(settings) and preflight.started_with(
+        settings.airflow_home / "run", airflow.airflow_environment(settings), "AIRFLOW__API__PORT")
+    preflight.check_ports(settings, airflow_running=ours, postgres_running=embedded_postgres(settings).is_running())
     preflight.check_tables_config()
     start_databases(settings)
     generated = ensure_demo_data(settings)
