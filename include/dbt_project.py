@@ -111,6 +111,29 @@ def describe_counts(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{counts[kind]} {kind}{'' if counts[kind] == 1 else 's'}" for kind in NODE_TYPES)
 
 
+# How Cosmos names a dbt node's task: `<name>_<suffix>`, or `<name>.<suffix>` inside the node's own
+# task group (a node with tests, which follow as `<name>.test`); folder groups come before.
+_TASK_SUFFIXES = ("run", "seed", "snapshot", "build", "test")
+
+
+def task_nodes(manifest: Mapping[str, Any], task_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """For each task id that runs a seed, snapshot or model (or its tests), the node's unique id and
+    what the task runs: its resource type, or `test` for the task of its tests."""
+    by_name = {node["name"]: (unique_id, node["resource_type"]) for unique_id, node in manifest["nodes"].items()
+               if node["resource_type"] in ("seed", "snapshot", "model")}  # fmt: skip
+    found = {}
+    for task_id in task_ids:
+        parts = task_id.split(".")
+        if parts[-1] in _TASK_SUFFIXES and len(parts) > 1 and parts[-2] in by_name:
+            name, suffix = parts[-2], parts[-1]
+        else:
+            name, _, suffix = parts[-1].rpartition("_")
+        if name in by_name and suffix in _TASK_SUFFIXES:
+            unique_id, kind = by_name[name]
+            found[task_id] = (unique_id, "test" if suffix == "test" else kind)
+    return found
+
+
 def sources_with_freshness(manifest: Mapping[str, Any]) -> list[str]:
     """The sources that declare a freshness threshold, as `source:<source>.<table>` selectors."""
     selected = []

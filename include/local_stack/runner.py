@@ -239,27 +239,15 @@ def failed_tasks(client: airflow.AirflowClient, dag_id: str, run_id: str, logs: 
     return text
 
 
-# How Cosmos names a dbt node's task: `<name>_<suffix>`, or `<name>.<suffix>` inside the node's own
-# task group (a node with tests, which follow as `<name>.test`).
-_TASK_SUFFIXES = ("run", "seed", "snapshot", "build", "test")
-
-
 def dbt_task_counts(manifest: dict[str, Any], task_instances: list[dict[str, Any]]) -> dict[str, Counter[str]]:
     """Per node type, the states of the tasks that ran the manifest's seeds, snapshots and models,
     and (under `test`) the states of the tasks that ran their tests."""
-    types = {node["name"]: node["resource_type"] for node in manifest["nodes"].values()
-             if node["resource_type"] in ("seed", "snapshot", "model")}  # fmt: skip
     counts: dict[str, Counter[str]] = {kind: Counter() for kind in dbt_project.NODE_TYPES}
+    nodes = dbt_project.task_nodes(manifest, [ti["task_id"] for ti in task_instances])
     for ti in task_instances:
-        parts = ti["task_id"].split(".")
-        if parts[-1] in _TASK_SUFFIXES and len(parts) > 1:
-            name, suffix = parts[-2], parts[-1]
-        else:
-            name, _, suffix = parts[-1].rpartition("_")
-        if suffix == "test" and (name in types or name.startswith("detached")):
-            counts["test"][ti["state"]] += 1
-        elif name in types and suffix in _TASK_SUFFIXES:
-            counts[types[name]][ti["state"]] += 1
+        found = nodes.get(ti["task_id"])
+        if found:
+            counts[found[1]][ti["state"]] += 1
     return counts
 
 
