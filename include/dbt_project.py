@@ -306,19 +306,27 @@ def settings_warehouse_dsn(path: Path = PROJECT_ROOT / "airflow_settings.yaml") 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m include.dbt_project manifest|docs-setting`: what the Dockerfile runs at build time."""
+    """`python -m include.dbt_project manifest|docs-setting|name|profiles`: the Dockerfile's build steps,
+    and a profiles.yml for running dbt by hand against WAREHOUSE_DATABASE_URL."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m include.dbt_project", description=main.__doc__)
-    parser.add_argument("command", choices=["manifest", "docs-setting", "name"])
+    parser.add_argument("command", choices=["manifest", "docs-setting", "name", "profiles"])
     parser.add_argument("--warehouse-dsn", default=os.environ.get("WAREHOUSE_DATABASE_URL", ""),
                         help="manifest: the warehouse the manifest is parsed for (no password needed); "
                         "default: the warehouse_postgres connection of airflow_settings.yaml")
     parser.add_argument("--docs-dir", help="docs-setting: where the dbt_docs task publishes the docs")
+    parser.add_argument("--out", default=str(PROJECT_ROOT / ".data" / "dbt_profiles"),
+                        help="profiles: the folder to write profiles.yml into (for dbt by hand)")
     args = parser.parse_args(argv)
     try:
         if args.command == "manifest":
             print(build_manifest(args.warehouse_dsn or settings_warehouse_dsn()))
+        elif args.command == "profiles":
+            folder = Path(args.out)
+            dbt_invocation(args.warehouse_dsn or settings_warehouse_dsn(), folder)
+            print(f"dbt build {' '.join(dbt_arguments(dbt_project_dir(), folder))}"
+                  f"   # the password, if any, from {PASSWORD_VARIABLE}")
         elif args.command == "docs-setting":
             print(docs_projects_setting(project_name(), args.docs_dir))
         else:
