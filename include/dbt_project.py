@@ -40,7 +40,10 @@ NODE_TYPES = ("seed", "snapshot", "model", "test")
 
 # libpq parameters that dbt-postgres takes as profile fields of the same name.
 _PROFILE_FIELDS = ("host", "port", "user", "dbname", "sslmode", "sslcert", "sslkey", "sslrootcert",
-                   "connect_timeout", "keepalives_idle", "application_name")  # fmt: skip
+                   "connect_timeout", "keepalives_idle")  # fmt: skip
+# Left to dbt: its connections are named "dbt" in pg_stat_activity, and the name is part of what a
+# saved parse is checked against, so the manifest parsed outside Airflow stays reusable in the tasks.
+_IGNORED_PARAMS = ("application_name",)
 # libpq parameters that dbt-postgres has no field for; libpq reads them from these variables.
 _LIBPQ_VARIABLES = {"passfile": "PGPASSFILE", "options": "PGOPTIONS", "gssencmode": "PGGSSENCMODE",
                     "target_session_attrs": "PGTARGETSESSIONATTRS", "sslcrl": "PGSSLCRL",
@@ -172,7 +175,7 @@ def profile_output(params: Mapping[str, Any], password: str | None) -> dict[str,
     when the DSN has no password: dbt then sends none and libpq does what it does for the copy
     engine (trust, `.pgpass`, a client certificate).
     """
-    unknown = sorted(set(params) - set(_PROFILE_FIELDS) - set(_LIBPQ_VARIABLES) - {"password"})
+    unknown = sorted(set(params) - set(_PROFILE_FIELDS) - set(_LIBPQ_VARIABLES) - set(_IGNORED_PARAMS) - {"password"})
     if unknown:
         raise DbtProjectProblem(
             f"the warehouse connection sets {', '.join(unknown)}, which dbt-postgres cannot pass on; "
@@ -225,11 +228,12 @@ def dbt_executable() -> str:
 
 
 def _address(warehouse_dsn: str) -> str:
+    """What dbt checks a saved parse against: profile, target and the connection's fields (not the password)."""
     from psycopg.conninfo import conninfo_to_dict
 
-    params = conninfo_to_dict(warehouse_dsn)
-    return f"{DBT_PROFILE}/{DBT_TARGET} {params.get('user')}@{params.get('host')}:{params.get('port')}/" \
-           f"{params.get('dbname')}"
+    output = profile_output(conninfo_to_dict(warehouse_dsn), None)
+    output.pop("password")
+    return f"{DBT_PROFILE}/{DBT_TARGET} {json.dumps(output, sort_keys=True)}"
 
 
 def build_manifest(warehouse_dsn: str, project_dir: Path | None = None) -> Path:
