@@ -36,7 +36,7 @@ test: install manifest  ## the whole test suite, end-to-end runs with a real sch
 	$(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check dags include tests bench
+	$(BIN)/ruff check dags include config tests bench
 
 bench: install manifest  ## benchmarks: ratios against baselines measured in the same run
 	$(BIN)/python -m bench.copy_engine_bench

@@ -5,11 +5,14 @@ file runs no dbt. `make manifest` (part of `make run`, and of the Docker image b
 Every task runs dbt in a temporary copy of the project, so no task ever rewrites that manifest;
 the docs task publishes its own manifest, catalog and index into the dbt docs folder instead.
 
-DBT_EXECUTION_MODE picks how Cosmos runs dbt (and DBT_TEST_BEHAVIOR how tests become tasks); the
-README gives the measurements behind the defaults:
-- `dbt_runner` (default): in the Airflow worker's own Python through dbt's `dbtRunner`;
-- `virtualenv`: the `dbt` executable of a separate virtualenv (DBT_EXECUTABLE), as a subprocess;
-- `watcher`: one `dbt build` per task group, with one sensor task per node watching its result.
+The whole project is one task group, grouped by folder, ordered by dbt's own graph: nothing here
+names a folder, a layer or a source. DBT_EXECUTION_MODE picks how Cosmos runs dbt (and
+DBT_TEST_BEHAVIOR how tests become tasks); the README gives the measurements behind the default:
+- `watcher` (default): one `dbt build` of the whole project in a producer task (source freshness
+  first, when the project has sources with a freshness threshold), and one sensor task per node
+  that reports that node's own dbt result; a cleared or retried node task runs dbt for that node alone;
+- `dbt_runner`: one dbt invocation per node, in the Airflow worker's own Python (dbt's `dbtRunner`);
+- `virtualenv`: the same through the `dbt` executable of a separate virtualenv (DBT_EXECUTABLE).
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cosmos import ExecutionConfig, ProfileConfig, ProjectConfig, RenderConfig
+from cosmos import DbtTaskGroup, ExecutionConfig, ProfileConfig, ProjectConfig, RenderConfig
 from cosmos import settings as cosmos_settings
-from cosmos.constants import ExecutionMode, InvocationMode, LoadMode, TestBehavior
-from cosmos.operators.local import DbtDocsLocalOperator, DbtSourceLocalOperator
+from cosmos.constants import ExecutionMode, InvocationMode, LoadMode, SourceRenderingBehavior, TestBehavior
+from cosmos.dbt.selector import select_nodes
+from cosmos.operators.local import DbtDocsLocalOperator
 from cosmos.profiles import BaseProfileMapping
 
 from include.dbt_project import (
@@ -44,7 +48,7 @@ DBT_PROJECT_DIR = dbt_project_dir()
 DBT_MANIFEST = manifest_path(DBT_PROJECT_DIR)
 MANIFEST = load_manifest(DBT_MANIFEST)  # raises, naming `make manifest`, when it is missing
 DBT_PROJECT_NAME = MANIFEST["metadata"]["project_name"]
-EXECUTION_MODES = ("dbt_runner", "virtualenv", "watcher")
+EXECUTION_MODES = ("watcher", "dbt_runner", "virtualenv")
 # The key of this project in `[cosmos] dbt_docs_projects`: the Cosmos plugin serves its docs at
 # /cosmos/<key>/dbt_docs_index.html, and the docs task writes into that entry's "dir".
 DBT_DOCS_PROJECT = DBT_PROJECT_NAME
@@ -56,6 +60,8 @@ project_config = ProjectConfig(
     dbt_project_path=DBT_PROJECT_DIR,
     manifest_path=DBT_MANIFEST,
     project_name=DBT_PROJECT_NAME,
+    # No `dbt deps` at run time: the hub is out of reach for many deployments.
+    install_dbt_deps=False,
 )
 
 
@@ -108,7 +114,74 @@ profile_config = ProfileConfig(
 )
 
 
+class DbtSelectionError(ValueError):
+    """A setting selects dbt nodes that the manifest does not have."""
+
+
+def manifest() -> dict[str, Any]:
+    """The parsed manifest of the dbt project (dbt/, or DBT_PROJECT_DIR), read once per process."""
+    return MANIFEST
+
+
+def _has_freshness(source: Mapping[str, Any]) -> bool:
+    freshness = source.get("freshness") or {}
+    return any((freshness.get(level) or {}).get("count") for level in ("warn_after", "error_after"))
+
+
+def sources_with_freshness() -> list[str]:
+    """The project's sources that declare a `warn_after` or `error_after`, as dbt unique ids."""
+    return sorted(uid for uid, source in manifest()["sources"].items() if _has_freshness(source))
+
+
+def final_model_tables() -> list[str]:
+    """`schema.table` of every model that no other model reads: the project's end products.
+
+    Cosmos emits an Asset event for each model it builds; these are the ones a DAG that follows a
+    whole transform run (the docs) is scheduled on.
+    """
+    nodes = manifest()["nodes"]
+    models = {uid: node for uid, node in nodes.items() if node["resource_type"] == "model"}
+    read = {parent for node in models.values() for parent in node["depends_on"]["nodes"]}
+    return sorted(f"{node['schema']}.{node['alias']}" for uid, node in models.items() if uid not in read)
+
+
+def skip_what_reads_sources_past_error_after(
+    context: Any, dag: Any, task_group: Any, nodes: Mapping[str, Any] | None, sources_json: Mapping[str, Any] | None
+) -> list[tuple[str, str]]:
+    """The watcher producer's freshness rule, as the separate freshness task had it: a source past
+    `error_after` stops every node that reads only stale sources (or nodes so stopped); a source past
+    `warn_after` only warns (Cosmos' default would skip on a warning too)."""
+    stale = {
+        result["unique_id"]
+        for result in (sources_json or {}).get("results", [])
+        if result.get("status") == "error"
+    }
+    for result in (sources_json or {}).get("results", []):
+        if result.get("status") == "warn":
+            logger.warning("source %s is stale (past warn_after, within error_after)", result["unique_id"])
+    if not stale or not nodes:
+        return []
+    stopped: set[str] = set()
+    changed = True
+    while changed:
+        changed = False
+        for uid, node in nodes.items():
+            if uid in stopped or node.resource_type.value not in ("model", "seed", "snapshot"):
+                continue
+            if node.depends_on and all(parent in stale or parent in stopped for parent in node.depends_on):
+                stopped.add(uid)
+                changed = True
+    logger.error("sources past error_after: %s; not run: %s", sorted(stale), sorted(stopped))
+    return [(uid, "skipped") for uid in sorted(stopped)]
+
+
 def _execution_config(mode: str) -> ExecutionConfig:
+    if mode == "watcher":
+        return ExecutionConfig(
+            execution_mode=ExecutionMode.WATCHER,
+            invocation_mode=InvocationMode.DBT_RUNNER,
+            setup_operator_args={"freshness_callback": skip_what_reads_sources_past_error_after},
+        )
     if mode == "dbt_runner":
         return ExecutionConfig(execution_mode=ExecutionMode.LOCAL, invocation_mode=InvocationMode.DBT_RUNNER)
     if mode == "virtualenv":
@@ -118,31 +191,88 @@ def _execution_config(mode: str) -> ExecutionConfig:
             invocation_mode=InvocationMode.SUBPROCESS,
             dbt_executable_path=dbt,
         )
-    if mode == "watcher":
-        return ExecutionConfig(execution_mode=ExecutionMode.WATCHER, invocation_mode=InvocationMode.DBT_RUNNER)
     raise ValueError(f"DBT_EXECUTION_MODE={mode!r}: choose one of {', '.join(EXECUTION_MODES)}")
 
 
-DBT_EXECUTION_MODE = os.environ.get("DBT_EXECUTION_MODE", "dbt_runner")
+DBT_EXECUTION_MODE = os.environ.get("DBT_EXECUTION_MODE", "watcher")
 execution_config = _execution_config(DBT_EXECUTION_MODE)
 
 
-# DBT_TEST_BEHAVIOR picks how dbt tests become tasks; the README gives the measurements behind the
-# default. `after_each`: each model's tests are a task of their own, right after the model's task.
-# `build`: one `dbt build` task per model runs the model and then its tests.
+# DBT_TEST_BEHAVIOR picks how dbt tests become tasks. `after_each`: each model's tests are a task of
+# their own, right after the model's task. `build` (not in watcher mode, whose producer already runs
+# one `dbt build`): one `dbt build` task per model runs the model and then its tests.
 TEST_BEHAVIORS = ("after_each", "build")
 DBT_TEST_BEHAVIOR = os.environ.get("DBT_TEST_BEHAVIOR", "after_each")
 if DBT_TEST_BEHAVIOR not in TEST_BEHAVIORS:
     raise ValueError(f"DBT_TEST_BEHAVIOR={DBT_TEST_BEHAVIOR!r}: choose one of {', '.join(TEST_BEHAVIORS)}")
+if DBT_TEST_BEHAVIOR == "build" and DBT_EXECUTION_MODE == "watcher":
+    raise ValueError(
+        "DBT_TEST_BEHAVIOR=build needs DBT_EXECUTION_MODE=dbt_runner or virtualenv: in watcher mode the "
+        "producer already runs the whole project as one `dbt build`"
+    )
+
+# Each node's sensor asks for its node's result every second, in the process it started in: the
+# default (every 10 s, deferred to the triggerer and resumed in a second process) adds seconds to
+# every step of the chain.
+WATCHER_SENSOR_ARGS = {"poke_interval": 1, "deferrable": False}
 
 
-def render_config(*selectors: str) -> RenderConfig:
-    """One layer of the project; each snapshot and model its own task, its tests as DBT_TEST_BEHAVIOR says."""
+def render_config() -> RenderConfig:
+    """The whole project, grouped by folder; sources with a freshness threshold checked first."""
+    freshness = SourceRenderingBehavior.WITH_TESTS_OR_FRESHNESS if sources_with_freshness() else (
+        SourceRenderingBehavior.NONE
+    )
     return RenderConfig(
         load_method=LoadMode.DBT_MANIFEST,
-        select=list(selectors),
         test_behavior=TestBehavior(DBT_TEST_BEHAVIOR),
+        group_nodes_by_folder=True,
+        source_rendering_behavior=freshness,
     )
+
+
+def _xcom_key(unique_id: str, suffix: str) -> str:
+    # How Cosmos' watcher producer names what it publishes per dbt node (cosmos.operators._watcher.state).
+    return f"{unique_id.replace('.', '__')}_{suffix}"
+
+
+def _tests_of(unique_id: str) -> list[str]:
+    nodes = manifest()["nodes"]
+    return sorted(uid for uid, node in nodes.items()
+                  if node["resource_type"] == "test" and unique_id in node["depends_on"]["nodes"])  # fmt: skip
+
+
+def log_dbt_result(context: Mapping[str, Any], *_: Any) -> None:
+    """Write this node's own dbt result into its task's log, from what the watcher producer published.
+
+    Cosmos' sensors log a node's dbt message only when it failed; an operator reading a node's task
+    log should see its status, timing and dbt's message (rows, the failing rows of a test) either way.
+    The node's compiled SQL is in the task's *Rendered Template* (`compiled_sql`).
+    """
+    task = context["task"]
+    unique_id = getattr(task, "model_unique_id", None)
+    producer = getattr(task, "producer_task_id", None)
+    if not unique_id or not producer:
+        return
+    watched = _tests_of(unique_id) if getattr(task, "is_test_sensor", False) else [unique_id]
+    for uid in watched:
+        event = context["ti"].xcom_pull(task_ids=producer, key=_xcom_key(uid, "dbt_event")) or {}
+        logger.info(
+            "dbt result of %s: %s, %s → %s: %s", uid, event.get("status", "not reported"),
+            event.get("start_time"), event.get("finish_time"), event.get("msg") or "",
+        )  # fmt: skip
+
+
+def operator_args() -> dict[str, Any]:
+    """What every task of the group gets: the watcher's sensors their poke settings, and a log line
+    with their node's dbt result (on failure before the alert)."""
+    from include.alerts import failure_callbacks
+
+    args: dict[str, Any] = {}
+    if DBT_EXECUTION_MODE == "watcher":
+        args.update(WATCHER_SENSOR_ARGS)
+        args["post_execute"] = log_dbt_result
+        args["on_failure_callback"] = [log_dbt_result, *failure_callbacks()]
+    return args
 
 
 def _dbt_task_args(task_id: str) -> dict[str, Any]:
@@ -167,15 +297,38 @@ def log_stale_sources(context: Mapping[str, Any]) -> None:
         logger.warning("source %s is stale (past warn_after, within error_after): %s", name, message)
 
 
-def source_freshness_task(task_id: str = "source_freshness") -> DbtSourceLocalOperator:
-    """`dbt source freshness` of the raw tables the snapshots read, both in one dbt invocation.
+# DBT_SELECT: dbt selectors (space-separated) to render part of the project; empty for all of it.
+DBT_SELECT = os.environ.get("DBT_SELECT", "").split()
 
-    dbt exits successfully when a source is only past `warn_after`, so the task succeeds with the
-    warning in its log; past `error_after` dbt fails, the task fails, and nothing downstream runs.
+
+def transform_task_group(group_id: str = "dbt", select: list[str] | None = None) -> DbtTaskGroup:
+    """The dbt project as one Cosmos task group (in watcher mode, one `dbt build` for all of it).
+
+    Raises DbtSelectionError, at DAG parse time, when a selector matches no node: Cosmos would
+    otherwise render an empty group and log only "Total filtered nodes: 0".
     """
-    return DbtSourceLocalOperator(
-        select="source:raw", on_warning_callback=log_stale_sources, **_dbt_task_args(task_id)
+    select = DBT_SELECT if select is None else select
+    config = render_config()
+    config.select = list(select)
+    group = DbtTaskGroup(
+        group_id=group_id,
+        project_config=project_config,
+        profile_config=profile_config,
+        execution_config=execution_config,
+        render_config=config,
+        operator_args=operator_args(),
+        on_warning_callback=log_stale_sources,
     )
+    graph = group.dbt_graph
+    empty = [selector for selector in select if not select_nodes(DBT_PROJECT_DIR, graph.nodes, select=[selector])]
+    if empty or not graph.filtered_nodes:
+        what = f"selector {', '.join(map(repr, empty))}" if empty else "the whole project"
+        raise DbtSelectionError(
+            f"{what} matches no node of the dbt project {DBT_PROJECT_NAME} in {DBT_MANIFEST}: "
+            "fix the selector (DBT_SELECT, dbt's syntax as Cosmos reads it: `source:<source>.<table>`) "
+            "or run `make manifest` after changing dbt/"
+        )
+    return group
 
 
 class DbtDocsNotConfigured(RuntimeError):

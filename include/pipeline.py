@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 from functools import cache
 from pathlib import Path
@@ -163,3 +163,29 @@ def check_database(conn_id: str, dsn: str) -> str:
             f"(or AIRFLOW_CONN_{conn_id.upper()}), and check that the server is running."
         ) from None
     return f"{conn_id}: {where} (PostgreSQL {version // 10000}.{version % 10000})"
+
+
+# The settings a DAG file reads from the environment: a DAG built under other values is not reused.
+_DAG_SETTINGS_PREFIXES = ("DBT_", "PIPELINE_", "AIRFLOW_CONN_WAREHOUSE_POSTGRES")
+_built_dags: dict[tuple[str, str, str], tuple[tuple[Any, ...], Any]] = {}
+
+
+def built_once(build: Callable[[], Any], *inputs: str | Path) -> Any:
+    """The DAG `build()` returns, built once per process for the same input files and settings.
+
+    A task process parses its DAG file only to find its own task. Forked from a scheduler (or worker)
+    that already parsed the DAG files (config/airflow_local_settings.py), it gets that DAG object
+    back instead of rendering every Cosmos task again: for a project of N nodes that is one O(N)
+    render per scheduler start instead of one per task. Any change to an input file (the DAG file,
+    the dbt manifest) or to a setting builds it anew.
+    """
+    key = (
+        *((str(path), Path(path).stat().st_mtime_ns) for path in inputs),
+        *sorted((k, v) for k, v in os.environ.items() if k.startswith(_DAG_SETTINGS_PREFIXES)),
+    )
+    slot = (build.__module__, build.__qualname__, str(inputs[0]) if inputs else "")
+    built = _built_dags.get(slot)
+    if built is None or built[0] != key:
+        built = _built_dags[slot] = (key, build())
+    return built[1]
+

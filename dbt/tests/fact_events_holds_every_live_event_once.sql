@@ -17,7 +17,7 @@ expected as (
 
     select event_id
     from events
-    where not is_deleted and not is_cancelled
+    where is_live
 
 ),
 

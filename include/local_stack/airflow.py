@@ -69,7 +69,11 @@ def airflow_environment(settings: StackSettings) -> dict[str, str]:
     env.update(
         {
             "AIRFLOW_HOME": str(home),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(settings.root), env.get("PYTHONPATH")])),
+            # config/ holds airflow_local_settings.py, which Airflow finds in $AIRFLOW_HOME/config on
+            # Astro: the scheduler imports dbt and parses the DAGs once, and every task it forks inherits them.
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(settings.root), str(settings.root / "config"), env.get("PYTHONPATH")])
+            ),
             "AIRFLOW__CORE__DAGS_FOLDER": str(settings.root / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(settings.root / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",

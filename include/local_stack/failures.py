@@ -46,9 +46,12 @@ def error_in_log(path: Path) -> str | None:
 
 
 def first_failure(logs: Path, task_instances: Iterable[Mapping[str, Any]]) -> str:
-    """The first failed task of a run (by end time), with the cause its log gives."""
+    """The first failed task of a run (by end time, a dbt node's own task before the producer), with
+    the cause its log gives."""
+    # Cosmos' watcher producer (one `dbt build` for every node) fails whenever a node does; the
+    # node's own task names the cause, so it comes first.
     failed = sorted((ti for ti in task_instances if ti["state"] == "failed"),
-                    key=lambda ti: ti.get("end_date") or "")  # fmt: skip
+                    key=lambda ti: (str(ti["task_id"]).endswith("producer_watcher"), ti.get("end_date") or ""))
     if not failed:
         return "no failed task recorded"
     ti = failed[0]

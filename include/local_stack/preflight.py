@@ -122,7 +122,7 @@ def run_together(*checks: Callable[[], None]) -> None:
 def fingerprint(env: Mapping[str, str], root: Path) -> dict[str, str]:
     """A digest per setting the running Airflow depends on, and of the Python code it imports."""
     digests = {key: _digest(value.encode()) for key, value in env.items() if key.startswith(_FINGERPRINTED_PREFIXES)}
-    for folder in ("include", "plugins"):
+    for folder in ("include", "plugins", "config"):
         # The local stack's own code runs in `make run`, never inside Airflow.
         files = sorted(p for p in (root / folder).rglob("*.py")
                        if "__pycache__" not in p.parts and "local_stack" not in p.parts)  # fmt: skip

@@ -251,6 +251,22 @@ def dbt_task_counts(manifest: dict[str, Any], task_instances: list[dict[str, Any
     return counts
 
 
+# The last part of the task id of a task Cosmos renders for a dbt node (`<node>.run`, or `<node>_run`
+# for a node without tests); a node's tests are `<node>.test` (or `<name>_test` when detached).
+DBT_NODE_TASK_KINDS = ("run", "snapshot", "seed", "source", "build")
+
+
+def dbt_task_kind(task_id: str) -> str | None:
+    """"tests" for a task of dbt tests, "nodes" for a task of one dbt node, None for any other task
+    (the watcher's producer, its done marker, log_triggering_events)."""
+    last = task_id.rsplit(".", 1)[-1]
+    if last == "test" or last.endswith("_test"):
+        return "tests"
+    if last in DBT_NODE_TASK_KINDS or last.endswith(tuple(f"_{kind}" for kind in DBT_NODE_TASK_KINDS)):
+        return "nodes"
+    return None
+
+
 def summary(settings: StackSettings, client: airflow.AirflowClient, run: PipelineRun, total_seconds: float) -> str:
     manifest = dbt_project.load_manifest(dbt_project.manifest_path(settings.dbt_project_dir))
     in_manifest = dbt_project.node_counts(manifest)

@@ -7,18 +7,25 @@ import os
 import subprocess
 import sys
 from datetime import UTC
+from pathlib import Path
 
 import pytest
 
 from tests.dags.conftest import DAGS_FOLDER, PROJECT_ROOT, airflow_test_environment
 
-EXPECTED_DAGS = {"ingest_raw_tables", "transform_dbt"}
+EXPECTED_DAGS = {"ingest_raw_tables", "transform_dbt", "dbt_docs"}
 
 
 def demo_in_use() -> bool:
     from include.local_stack.runner import demo_in_use
 
     return demo_in_use()
+
+
+def demo_dbt_project() -> bool:
+    from include.dbt_project import project_name
+
+    return project_name() == "postgres_analytics"
 
 
 # The example consumer exists only when the dbt project builds its mart (the demo's does).
@@ -150,6 +157,82 @@ def test_transform_renders_every_dbt_node_once_and_its_tests_after_it(dag_bag):
                 assert runs[parent] in upstream, f"{task_id} does not wait for {runs[parent]}"
 
 
+def _manifest() -> dict:
+    from include.dbt_project import load_manifest
+
+    return load_manifest()
+
+
+def test_transform_renders_every_dbt_node_once_in_one_group_by_folder_after_its_upstream(dag_bag):
+    """Generated from the manifest: every snapshot, seed and model is one task, in the task group of its
+    folder, downstream of the tasks of the nodes it reads; each model's tests are a task right after it."""
+    from include.dbt_config import DBT_EXECUTION_MODE
+
+    dag = dag_bag.dags["transform_dbt"]
+    nodes = {uid: node for uid, node in _manifest()["nodes"].items()
+             if node["resource_type"] in ("model", "snapshot", "seed")}  # fmt: skip
+    assert nodes
+    task_of = {}
+    for uid, node in nodes.items():
+        folders = ".".join(Path(node["original_file_path"]).parts[:-1])
+        kind = {"model": "run"}.get(node["resource_type"], node["resource_type"])
+        names = (f"dbt.{folders}.{node['name']}.{kind}", f"dbt.{folders}.{node['name']}_{kind}")
+        matching = [t for t in dag.task_ids if t in names]
+        assert len(matching) == 1, f"{uid}: {matching}"
+        task_of[uid] = matching[0]
+    for uid, node in nodes.items():
+        task = dag.get_task(task_of[uid])
+        upstream = task.get_flat_relative_ids(upstream=True)
+        for parent in node["depends_on"].get("nodes", []):
+            if parent in task_of:
+                assert task_of[parent] in upstream, f"{uid} does not wait for {parent}"
+        tested = any(uid in t["depends_on"].get("nodes", []) for t in _manifest()["nodes"].values()
+                     if t["resource_type"] == "test")  # fmt: skip
+        if tested and task_of[uid].endswith(f".{task_of[uid].rsplit('.', 1)[-1]}"):
+            test_task = task_of[uid].rsplit(".", 1)[0] + ".test"
+            assert dag.get_task(test_task).upstream_task_ids == {task_of[uid]}
+    if DBT_EXECUTION_MODE == "watcher":
+        producers = [t for t in dag.task_ids if t.endswith("dbt_producer_watcher")]
+        assert producers == ["dbt.dbt_producer_watcher"], "one dbt build for the whole project"
+        sensor = dag.get_task(task_of[next(iter(nodes))])
+        assert (sensor.poke_interval, sensor.deferrable) == (1, False)
+
+
+def test_sources_with_freshness_are_checked_from_the_manifest(dag_bag):
+    dag = dag_bag.dags["transform_dbt"]
+    from include.dbt_project import sources_with_freshness
+
+    fresh = sources_with_freshness(_manifest())  # a threshold with a count, not dbt's empty default
+    rendered = [t for t in dag.task_ids if t.endswith(("source", "_source"))]
+    assert len(rendered) == len(fresh)  # none when no source has a threshold (the demo's raw ones have)
+    if demo_dbt_project():
+        assert fresh
+
+
+def test_a_selector_matching_no_node_fails_at_parse_time_naming_it(dag_bag):
+    from airflow.sdk import DAG
+
+    from include.dbt_config import DbtSelectionError, transform_task_group
+
+    with pytest.raises(DbtSelectionError, match="'path:models/nowhere'"):
+        with DAG("selection_probe", schedule=None):
+            transform_task_group(select=["path:models/nowhere"])
+
+
+def test_docs_follow_every_final_model_of_the_project(dag_bag):
+    from include.pipeline import warehouse_table_uri
+
+    nodes = _manifest()["nodes"]
+    models = {uid: n for uid, n in nodes.items() if n["resource_type"] == "model"}
+    read = {parent for n in models.values() for parent in n["depends_on"]["nodes"]}
+    finals = {warehouse_table_uri(f"{n['schema']}.{n['alias']}") for uid, n in models.items() if uid not in read}
+    dag = dag_bag.dags["dbt_docs"]
+    condition = dag.timetable.asset_condition
+    assert type(condition).__name__ == "AssetAll"
+    assert {asset.uri for asset in condition.objects} == finals
+    assert [task.task_id for task in dag.tasks] == ["dbt_docs"]
+
+
 def test_parsing_the_dags_folder_takes_under_two_seconds(tmp_path):
     """Measured in a fresh interpreter, Cosmos import included, as the dag-processor sees it."""
     script = (
@@ -169,7 +252,7 @@ def test_parsing_the_dags_folder_takes_under_two_seconds(tmp_path):
 
 def test_ruff_with_airflow3_rules_passes_on_dags_and_include():
     result = subprocess.run(
-        [os.path.join(os.path.dirname(sys.executable), "ruff"), "check", "dags", "include"],
+        [os.path.join(os.path.dirname(sys.executable), "ruff"), "check", "dags", "include", "config"],
         cwd=PROJECT_ROOT, capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr

@@ -103,6 +103,22 @@ def test_dbt_tasks_reuse_the_parse_saved_with_the_manifest(stack, pipeline_run):
     assert reparsed == []
 
 
+def test_the_transform_ran_one_dbt_build_and_each_node_task_logs_its_own_result(stack, pipeline_run):
+    """Default (watcher) mode: one producer ran dbt; every node's task log has that node's dbt result."""
+    run_id = pipeline_run.transform["dag_run_id"]
+    tasks = {ti["task_id"]: ti for ti in airflow.task_instances(stack.client, runner.TRANSFORM_DAG, run_id)}
+    assert [t for t in tasks if t.endswith("dbt_producer_watcher")] == ["dbt.dbt_producer_watcher"]
+    logs = stack.settings.airflow_home / "logs" / f"dag_id={runner.TRANSFORM_DAG}" / f"run_id={run_id}"
+    log = (logs / "task_id=dbt.models.marts.fact_events.run").rglob("*.log")
+    text = "".join(path.read_text(errors="replace") for path in log)
+    assert "dbt result of model.postgres_analytics.fact_events: success" in text
+    assert "SELECT" in text.split("dbt result of model.postgres_analytics.fact_events")[1][:300]  # rows written
+    assert "Cloning project" not in text, "a node task ran dbt itself instead of reading the producer's result"
+    test_log = "".join(p.read_text(errors="replace")
+                       for p in (logs / "task_id=dbt.models.marts.fact_events.test").rglob("*.log"))
+    assert "dbt result of test.postgres_analytics.unique_fact_events_event_id" in test_log
+
+
 def test_marts_hold_the_values_computed_from_the_source(stack, pipeline_run):
     events = source_rows(stack, "select event_id, event_code, security_id, action_flag from public.edi_690")
     live = {event_id for event_id, _, _, flag in events if flag not in ("D", "C")}
@@ -305,3 +321,88 @@ def test_clearing_the_failed_task_recovers_without_gaps_or_duplicates(stack, fai
     health = dict(warehouse_rows(stack, "select target_table, (runs, failed_runs, last_run_status)::text "
                                         "from marts.pipeline_health"))
     assert health == {"raw.stock_master": "(4,1,success)", "raw.edi_690": "(3,0,success)"}
+
+
+# --- a bad row makes one model's test fail; fixing it and clearing the task completes the run ----
+
+STG_EVENTS_TEST = "dbt.models.staging.stg_edi_690.test"
+
+
+@dataclass
+class FailingTest:
+    run_id: str
+    failed_run: dict
+    failed_states: dict[str, str]
+    alerts: list[str]
+    recovered_run: dict
+    recovered_states: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def failing_test(stack, failure_and_recovery, slack_receiver) -> FailingTest:
+    """One raw event gets an action flag dbt's accepted_values test on stg_edi_690 rejects; the
+    transform runs; then the row is put back and the failed test task is cleared, as the runbook says."""
+    client, warehouse = stack.client, stack.settings.database_url(WAREHOUSE_CONN_ID)
+    with psycopg.connect(warehouse, autocommit=True) as conn:
+        event_id, flag = conn.execute(
+            "select event_id, action_flag from raw.edi_690 where action_flag = 'I' order by event_id limit 1"
+        ).fetchone()
+        conn.execute("update raw.edi_690 set action_flag = 'X' where event_id = %s", (event_id,))
+    alerts_before = len(slack_receiver.bodies)
+    run_id = f"e2e_bad_row__{datetime.now(UTC):%Y%m%dT%H%M%S%f}"
+    try:
+        client.post(f"/api/v2/dags/{runner.TRANSFORM_DAG}/dagRuns", {"dag_run_id": run_id, "logical_date": None})
+        failed_run = airflow.wait_for_run(client, runner.TRANSFORM_DAG, run_id, timeout=900)
+        failed_states = {ti["task_id"]: ti["state"]
+                         for ti in airflow.task_instances(client, runner.TRANSFORM_DAG, run_id)}  # fmt: skip
+        alerts = [body["json"]["text"] for body in slack_receiver.bodies[alerts_before:]]
+    finally:
+        with psycopg.connect(warehouse, autocommit=True) as conn:
+            conn.execute("update raw.edi_690 set action_flag = %s where event_id = %s", (flag, event_id))
+    client.post(f"/api/v2/dags/{runner.TRANSFORM_DAG}/clearTaskInstances",
+                {"dry_run": False, "dag_run_id": run_id, "task_ids": [STG_EVENTS_TEST], "include_downstream": True,
+                 "only_failed": False, "reset_dag_runs": True})  # fmt: skip
+    recovered_run = airflow.wait_for_run(client, runner.TRANSFORM_DAG, run_id, timeout=900)
+    recovered_states = {ti["task_id"]: ti["state"]
+                        for ti in airflow.task_instances(client, runner.TRANSFORM_DAG, run_id)}  # fmt: skip
+    return FailingTest(run_id, failed_run, failed_states, alerts, recovered_run, recovered_states)
+
+
+def _downstream_of(stack, task_id: str) -> set[str]:
+    tasks = {t["task_id"]: t for t in stack.client.get(f"/api/v2/dags/{runner.TRANSFORM_DAG}/tasks")["tasks"]}
+    found, todo = set(), [task_id]
+    while todo:
+        for child in tasks[todo.pop()]["downstream_task_ids"]:
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+@on_pg18_stack
+def test_a_failing_dbt_test_fails_its_own_task_stops_its_dependents_and_alerts(stack, failing_test):
+    states = failing_test.failed_states
+    assert failing_test.failed_run["state"] == "failed"
+    assert states[STG_EVENTS_TEST] == "failed"
+    dependents = _downstream_of(stack, STG_EVENTS_TEST) - {"dbt.dbt_producer_watcher_done"}
+    assert {"dbt.models.marts.fact_events.run", "dbt.models.intermediate.int_event_summary.run"} <= dependents
+    assert {states[task] for task in dependents} == {"upstream_failed"}
+    # What does not read stg_edi_690 ran and passed.
+    assert states["dbt.models.marts.dim_securities.test"] == states["dbt.models.staging.stg_stock_master.test"] == (
+        "success")
+    node_failures = [t for t, state in states.items() if state == "failed" and runner.dbt_task_kind(t)]
+    assert node_failures == [STG_EVENTS_TEST]
+    [alert] = [a for a in failing_test.alerts if STG_EVENTS_TEST in a]
+    assert "stg_edi_690" in alert.splitlines()[0]
+    assert "model.postgres_analytics.stg_edi_690" in alert
+
+
+@on_pg18_stack
+def test_clearing_the_failed_test_after_the_fix_completes_the_run_with_right_marts(stack, failing_test):
+    assert failing_test.recovered_run["state"] == "success"
+    states = failing_test.recovered_states
+    assert {states[t] for t in _downstream_of(stack, STG_EVENTS_TEST) | {STG_EVENTS_TEST}} == {"success"}
+    events = source_rows(stack, "select event_id, action_flag from public.edi_690")
+    live = {event_id for event_id, flag in events if flag not in ("D", "C")}
+    assert {row[0] for row in warehouse_rows(stack, "select event_id from marts.fact_events")} == live
+

@@ -6,15 +6,6 @@ events as (
 
 ),
 
-flagged as (
-
-    select
-        events.*,
-        not events.is_deleted and not events.is_cancelled as is_live
-    from events
-
-),
-
 summarised as (
 
     select
@@ -43,7 +34,7 @@ summarised as (
         -- timestamps
         max(changed_at) as latest_changed_at
 
-    from flagged
+    from events
     group by security_id, event_type
 
 )

@@ -19,7 +19,7 @@ live_events as (
         -- The version of the security in force when the ex date began (UTC).
         events.ex_date::timestamp at time zone 'UTC' as ex_at
     from events
-    where not events.is_deleted and not events.is_cancelled
+    where events.is_live
 
 ),
 

@@ -28,6 +28,8 @@ renamed as (
         action_flag = 'U' as is_amended,
         action_flag = 'D' as is_deleted,
         action_flag = 'C' as is_cancelled,
+        -- The one definition of a live event: every model and test downstream uses this column.
+        action_flag not in ('D', 'C') as is_live,
         gross_amount is not null as is_cash_event,
 
         -- dates
