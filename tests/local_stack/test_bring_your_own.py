@@ -229,3 +229,23 @@ def test_the_docs_key_and_the_summary_follow_the_project_in_use(tmp_path):
     assert counts == {"seed": 2, "snapshot": 1, "model": 5, "test": 11}
     assert dbt_project.describe_counts(counts) == "2 seeds, 1 snapshot, 5 models, 11 tests"
     assert dbt_project.sources_with_freshness(dbt_project.load_manifest(manifest)) == []
+
+
+def test_the_transform_follows_the_raw_tables_or_for_a_dbt_only_project_the_schedule(tmp_path, monkeypatch):
+    from include import ingestion
+    from include.pipeline import warehouse_table_uri
+
+    monkeypatch.delenv("PIPELINE_SCHEDULE", raising=False)
+    config = tmp_path / "tables.yml"
+    monkeypatch.setattr(ingestion, "TABLES_CONFIG", config)
+    config.write_text("schedule: '@hourly'\ntables: []\n")
+    assert (ingestion.transform_schedule(), ingestion.ingestion_schedule()) == ("@hourly", None)
+    config.write_text("tables:\n  - {name: orders, source: sales.orders, target: raw.orders}\n"
+                      "  - {name: items, source: sales.items, target: raw.items}\n")  # fmt: skip
+    assert [asset.uri for asset in ingestion.transform_schedule()] == [
+        warehouse_table_uri("raw.orders"), warehouse_table_uri("raw.items")]
+    assert ingestion.ingestion_schedule() == ingestion.DEFAULT_SCHEDULE == "@daily"
+    config.write_text("schedule: none\ntables: []\n")
+    assert ingestion.transform_schedule() is None
+    monkeypatch.setenv("PIPELINE_SCHEDULE", "0 6 * * 1-5")
+    assert ingestion.transform_schedule() == "0 6 * * 1-5"
