@@ -224,7 +224,9 @@ def dbt_arguments(project_dir: Path, profiles_dir: Path) -> list[str]:
 
 
 def dbt_executable() -> str:
-    return str(Path(sys.executable).with_name("dbt"))
+    """The `dbt` installed beside this Python (the venv's, or the image's), else the one on PATH."""
+    beside = Path(sys.executable).with_name("dbt")
+    return str(beside) if beside.exists() else shutil.which("dbt") or "dbt"
 
 
 def _address(warehouse_dsn: str) -> str:
