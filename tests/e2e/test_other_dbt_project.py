@@ -93,7 +93,7 @@ def failed_then_fixed(other_stack: RunningStack) -> FailedThenFixed:
 def test_a_failing_test_names_its_task_cause_and_log_in_make_runs_message(failed_then_fixed):
     message = failed_then_fixed.failure
     assert message.startswith("The transform run ")
-    first = re.search(r"\n  (\S+) failed first: (\w[\w.]*): (.+)\n  log: (\S+)$", message)
+    first = re.search(r"\n  (\S+) failed first: (\w[\w.]*): (.+)\n  log: (\S+)$", message, re.S)
     assert first, message
     task, error_class, _, log = first.groups()
     assert "customer_revenue" in task
