@@ -8,13 +8,15 @@ ENV AIRFLOW__COSMOS__ENABLE_TELEMETRY=False \
 
 # dbt runs inside the Airflow worker through dbt's Python API (Cosmos InvocationMode.DBT_RUNNER),
 # so dbt-core and dbt-postgres come from requirements.txt; see the README for the measurements.
+# config/airflow_local_settings.py lands in $AIRFLOW_HOME/config, where Airflow imports it: the
+# scheduler (and a Celery worker) imports dbt and parses the DAGs once before forking task processes.
 # The manifest lets Cosmos render the transform DAG without running dbt at parse time. Parsed with
 # the profile include/dbt_project.py generates for airflow_settings.yaml's warehouse connection,
 # the one Cosmos builds in every task, so each dbt task can reuse this parse (dbt keeps it only
 # when profile, target and address match). DBT_PROJECT_DIR picks another dbt project than dbt/.
 RUN python -m include.dbt_project manifest
 
-# dbt docs: the transform's dbt_docs task publishes into this folder and Cosmos' plugin (Airflow
+# dbt docs: the dbt_docs DAG's task publishes into this folder and Cosmos' plugin (Airflow
 # 3.1+) serves it under Browse > dbt Docs, keyed by the dbt project's name read from the manifest
 # just built (written into airflow.cfg: an ENV line cannot read the manifest). `astro dev start`
 # mounts include/ into every container, so the task (scheduler container) and the api-server see

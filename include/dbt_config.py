@@ -257,7 +257,7 @@ def log_dbt_result(context: Mapping[str, Any], *_: Any) -> None:
     for uid in watched:
         event = context["ti"].xcom_pull(task_ids=producer, key=_xcom_key(uid, "dbt_event")) or {}
         logger.info(
-            "dbt result of %s: %s, %s → %s: %s", uid, event.get("status", "not reported"),
+            "dbt result of %s: %s, %s → %s: %s", uid, event.get("status") or "no status reported",
             event.get("start_time"), event.get("finish_time"), event.get("msg") or "",
         )  # fmt: skip
 

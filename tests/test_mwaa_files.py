@@ -33,7 +33,7 @@ LEFT_TO_THE_CONSTRAINTS = {
 }
 # Installed by mwaa/startup.sh into dbt's own virtualenv, not by requirements.txt.
 IN_THE_DBT_VIRTUALENV = {"dbt-core", "dbt-postgres"}
-EXPECTED_DAG_FILES = {"ingest_raw_tables.py", "transform_dbt.py", "report_corporate_actions.py"}
+EXPECTED_DAG_FILES = {"ingest_raw_tables.py", "transform_dbt.py", "dbt_docs.py", "report_corporate_actions.py"}
 
 
 def requirement_lines(path: Path) -> list[str]:
@@ -239,6 +239,6 @@ def test_the_packaged_dags_folder_parses_on_its_own_as_mwaa_would_load_it(manife
     assert result.returncode == 0, result.stderr[-3000:]
     parsed = json.loads(result.stdout.strip().splitlines()[-1])
     assert parsed["errors"] == {}
-    assert parsed["dags"] == ["ingest_raw_tables", "report_corporate_actions", "transform_dbt"]
+    assert parsed["dags"] == ["dbt_docs", "ingest_raw_tables", "report_corporate_actions", "transform_dbt"]
     assert parsed["files"] == len(EXPECTED_DAG_FILES), ".airflowignore let include/ or dbt/ be parsed as DAG files"
     assert parsed["root"] == str(dags)

@@ -393,8 +393,9 @@ def test_a_failing_dbt_test_fails_its_own_task_stops_its_dependents_and_alerts(s
     node_failures = [t for t, state in states.items() if state == "failed" and runner.dbt_task_kind(t)]
     assert node_failures == [STG_EVENTS_TEST]
     [alert] = [a for a in failing_test.alerts if STG_EVENTS_TEST in a]
-    assert "stg_edi_690" in alert.splitlines()[0]
-    assert "model.postgres_analytics.stg_edi_690" in alert
+    assert alert.splitlines()[0].startswith(f"Task failed: {runner.TRANSFORM_DAG}.{STG_EVENTS_TEST}")
+    # The error names the failing test (and so its model) and what dbt found.
+    assert "accepted_values_stg_edi_690_action_flag" in alert and "Got 1 result" in alert
 
 
 @on_pg18_stack
