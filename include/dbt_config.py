@@ -241,13 +241,10 @@ def _tests_of(unique_id: str) -> list[str]:
                   if node["resource_type"] == "test" and unique_id in node["depends_on"]["nodes"])  # fmt: skip
 
 
-def log_dbt_result(context: Mapping[str, Any], *_: Any) -> None:
-    """Write this node's own dbt result into its task's log, from what the watcher producer published.
+DBT_SUCCESS_STATUSES = ("success", "pass", "warn")
 
-    Cosmos' sensors log a node's dbt message only when it failed; an operator reading a node's task
-    log should see its status, timing and dbt's message (rows, the failing rows of a test) either way.
-    The node's compiled SQL is in the task's *Rendered Template* (`compiled_sql`).
-    """
+
+def _log_dbt_results(context: Mapping[str, Any], succeeded: bool) -> None:
     task = context["task"]
     unique_id = getattr(task, "model_unique_id", None)
     producer = getattr(task, "producer_task_id", None)
@@ -256,10 +253,31 @@ def log_dbt_result(context: Mapping[str, Any], *_: Any) -> None:
     watched = _tests_of(unique_id) if getattr(task, "is_test_sensor", False) else [unique_id]
     for uid in watched:
         event = context["ti"].xcom_pull(task_ids=producer, key=_xcom_key(uid, "dbt_event")) or {}
+        status = event.get("status")
+        if succeeded and status not in DBT_SUCCESS_STATUSES:
+            # The task succeeded although the build's result was not a success: it ran dbt for its
+            # node itself (a retry or a cleared task), and that run's output is in this log above.
+            logger.info("dbt result of %s: run again in this task (the build's result was %s)", uid, status)
+            continue
         logger.info(
-            "dbt result of %s: %s, %s → %s: %s", uid, event.get("status") or "no status reported",
+            "dbt result of %s: %s, %s → %s: %s", uid, status or "no status reported",
             event.get("start_time"), event.get("finish_time"), event.get("msg") or "",
         )  # fmt: skip
+
+
+def log_dbt_result(context: Mapping[str, Any], *_: Any) -> None:
+    """Write this node's own dbt result into its task's log, from what the watcher producer published.
+
+    Cosmos' sensors log a node's dbt message only when it failed; an operator reading a node's task
+    log should see its status, timing and dbt's message (rows, the failing rows of a test) either way.
+    The node's compiled SQL is in the task's *Rendered Template* (`compiled_sql`).
+    """
+    _log_dbt_results(context, succeeded=True)
+
+
+def log_dbt_failure(context: Mapping[str, Any]) -> None:
+    """On failure, before the alert: every watched node's result as the build reported it."""
+    _log_dbt_results(context, succeeded=False)
 
 
 def operator_args() -> dict[str, Any]:
@@ -271,7 +289,7 @@ def operator_args() -> dict[str, Any]:
     if DBT_EXECUTION_MODE == "watcher":
         args.update(WATCHER_SENSOR_ARGS)
         args["post_execute"] = log_dbt_result
-        args["on_failure_callback"] = [log_dbt_result, *failure_callbacks()]
+        args["on_failure_callback"] = [log_dbt_failure, *failure_callbacks()]
     return args
 
 
