@@ -33,9 +33,10 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from include.dbt_project import build_manifest, dbt_arguments, dbt_invocation
 from include.local_stack import airflow, runner
 from include.local_stack.postgres import free_port
-from include.local_stack.settings import PROJECT_ROOT, StackSettings
+from include.local_stack.settings import PROJECT_ROOT, WAREHOUSE_CONN_ID, StackSettings
 
 DBT_VENV = PROJECT_ROOT / ".venv-dbt"
 GENERATED = PROJECT_ROOT / ".data" / "bench-dbt-projects"
@@ -80,7 +81,6 @@ def generate_project(models: int) -> Path:
     for folder in ("staging", "intermediate", "marts"):
         (root / "models" / folder).mkdir(parents=True)
     (root / "macros").mkdir()
-    shutil.copy(DEMO_PROJECT / "profiles.yml", root / "profiles.yml")
     shutil.copy(DEMO_PROJECT / "macros" / "generate_schema_name.sql", root / "macros")
     (root / "dbt_project.yml").write_text(
         "name: postgres_analytics\nversion: '1.0.0'\nprofile: warehouse\n"
@@ -118,11 +118,7 @@ def generate_project(models: int) -> Path:
 
 def parse_project(settings: StackSettings, project: Path) -> None:
     """`dbt parse` with the profile and target Cosmos builds, as `make manifest` does for dbt/."""
-    subprocess.run(
-        [str(Path(sys.executable).with_name("dbt")), "parse", "--project-dir", str(project), "--profiles-dir",
-         str(project), "--profile", runner.DBT_PROFILE, "--target", runner.DBT_TARGET, "--quiet"],
-        cwd=project, env=runner.dbt_environment(settings), check=True,
-    )  # fmt: skip
+    build_manifest(settings.database_url(WAREHOUSE_CONN_ID), project)
 
 
 def task_parse_seconds(settings: StackSettings, run_id: str, task_id: str) -> float | None:
@@ -246,11 +242,13 @@ def time_transform(settings: StackSettings, variant: str) -> tuple[float, dict[s
 def time_dbt(settings: StackSettings, project: Path, *commands: list[str]) -> float:
     """dbt commands one after the other, each its own `dbt` process, as a person would type them."""
     started = time.perf_counter()
+    profiles = settings.data_dir / "dbt-profiles"
+    env = dbt_invocation(settings.database_url(WAREHOUSE_CONN_ID), profiles)
     for command in commands:
         subprocess.run(
-            [str(Path(sys.executable).with_name("dbt")), *command, "--project-dir", str(project), "--profiles-dir",
-             str(project), "--target-path", str(settings.data_dir / "dbt-target"), "--quiet"],
-            cwd=PROJECT_ROOT, env=runner.dbt_environment(settings), check=True,
+            [str(Path(sys.executable).with_name("dbt")), *command, *dbt_arguments(project, profiles),
+             "--target-path", str(settings.data_dir / "dbt-target"), "--quiet"],
+            cwd=PROJECT_ROOT, env=env, check=True,
         )  # fmt: skip
     return time.perf_counter() - started
 

@@ -19,6 +19,8 @@ column, delete detection and checksum validation.
   To restart a failed large-table copy, clear its task group from `plan`.
 - A failure alerts through Slack and email when the `slack_alerts` / `smtp_alerts` connections
   exist (docs/alerts.md); a validation mismatch alerts too and fails without retrying.
+- Runs on `schedule:` of `include/config/tables.yml` (a cron expression or preset, `@daily` when
+  unset); `make run` triggers it at once.
 - Each successful copy emits an event on its raw table's Asset, with the rows inserted, updated and
   deleted attached; `transform_dbt` is scheduled on those Assets.
 """
@@ -35,6 +37,7 @@ from include.ingestion import (
     copy_range_in_task,
     finish_in_task,
     hold_snapshot_in_task,
+    ingestion_schedule,
     is_large,
     plan_ranges,
     ranges_started,
@@ -56,7 +59,7 @@ LARGE_TABLES = [t for t in TABLES if is_large(t)]
 
 
 @dag(
-    schedule=None,
+    schedule=ingestion_schedule(),
     start_date=datetime(2026, 1, 1, tzinfo=UTC),
     catchup=False,
     max_active_runs=1,

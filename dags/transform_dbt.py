@@ -6,9 +6,10 @@ Astronomer Cosmos from the project's manifest as one task group, grouped by fold
 dbt's own graph: every source with a freshness threshold, snapshot, seed and model is a task, and
 each model's tests are a task right after it.
 
-**Scheduled on the raw tables' Assets**, all of them: the transform runs once every raw table has
-been refreshed since its last run, so the marts never join a fresh table to a stale one, and a table
-whose copy failed does not trigger it.
+**Scheduled on the raw tables' Assets**, all of them: the transform runs once every raw table of
+`include/config/tables.yml` has been refreshed since its last run, so the marts never join a fresh
+table to a stale one, and a table whose copy failed does not trigger it. With no tables configured
+(a dbt-only project) it runs on the file's `schedule:` instead.
 
 **One `dbt build`, one task per node.** In the default watcher mode (`DBT_EXECUTION_MODE`), the
 group's `dbt_producer_watcher` task runs `dbt source freshness` and then one `dbt build` of the whole
@@ -31,12 +32,12 @@ from datetime import UTC, datetime, timedelta
 from airflow.sdk import dag, get_current_context, task
 
 from include.dbt_config import DBT_MANIFEST, transform_task_group
-from include.ingestion import configured_tables
-from include.pipeline import built_once, describe_asset_events, task_defaults, warehouse_table_asset
+from include.ingestion import transform_schedule
+from include.pipeline import built_once, describe_asset_events, task_defaults
 
 
 @dag(
-    schedule=[warehouse_table_asset(table.target) for table in configured_tables()],
+    schedule=transform_schedule(),
     start_date=datetime(2026, 1, 1, tzinfo=UTC),
     catchup=False,
     max_active_runs=1,

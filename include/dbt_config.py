@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 from collections.abc import Mapping
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +30,24 @@ from cosmos import settings as cosmos_settings
 from cosmos.constants import ExecutionMode, InvocationMode, LoadMode, SourceRenderingBehavior, TestBehavior
 from cosmos.dbt.selector import select_nodes
 from cosmos.operators.local import DbtDocsLocalOperator
-from cosmos.profiles import PostgresUserPasswordProfileMapping
+from cosmos.profiles import BaseProfileMapping
 
-from include.pipeline import PROJECT_ROOT, WAREHOUSE_CONN_ID
+from include.dbt_project import (
+    DBT_PROFILE,
+    DBT_TARGET,
+    DbtProjectProblem,
+    dbt_project_dir,
+    libpq_environment,
+    load_manifest,
+    manifest_path,
+    profile_output,
+)
+from include.pipeline import WAREHOUSE_CONN_ID, database_dsn
 
-# DBT_PROJECT_DIR moves the project (the benchmark renders generated projects this way).
-DBT_PROJECT_DIR = Path(os.environ.get("DBT_PROJECT_DIR") or PROJECT_ROOT / "dbt")
-DBT_MANIFEST = DBT_PROJECT_DIR / "target" / "manifest.json"
-DBT_PROJECT_NAME = "postgres_analytics"
+DBT_PROJECT_DIR = dbt_project_dir()
+DBT_MANIFEST = manifest_path(DBT_PROJECT_DIR)
+MANIFEST = load_manifest(DBT_MANIFEST)  # raises, naming `make manifest`, when it is missing
+DBT_PROJECT_NAME = MANIFEST["metadata"]["project_name"]
 EXECUTION_MODES = ("watcher", "dbt_runner", "virtualenv")
 # The key of this project in `[cosmos] dbt_docs_projects`: the Cosmos plugin serves its docs at
 # /cosmos/<key>/dbt_docs_index.html, and the docs task writes into that entry's "dir".
@@ -46,12 +55,6 @@ DBT_DOCS_PROJECT = DBT_PROJECT_NAME
 DBT_DOCS_FILES = ("manifest.json", "catalog.json", "index.html")  # index last: it loads the other two
 
 logger = logging.getLogger(__name__)
-
-if not DBT_MANIFEST.exists():
-    raise FileNotFoundError(
-        f"The dbt manifest {DBT_MANIFEST} is missing: run `make manifest` "
-        "(the Docker image builds it in its Dockerfile)."
-    )
 
 project_config = ProjectConfig(
     dbt_project_path=DBT_PROJECT_DIR,
@@ -61,14 +64,53 @@ project_config = ProjectConfig(
     install_dbt_deps=False,
 )
 
+
+class WarehouseProfileMapping(BaseProfileMapping):
+    """The dbt profile of an Airflow Postgres connection, built from the DSN the copy engine uses.
+
+    Cosmos' PostgresUserPasswordProfileMapping requires a password; this one passes on what the
+    connection has (password or none, SSL files, `passfile`, options), so dbt authenticates exactly
+    as the copy engine does. A connection that is missing or unusable is a configuration error: the
+    task fails at once, without retries.
+    """
+
+    airflow_connection_type = "postgres"
+    dbt_profile_type = "postgres"
+
+    def _params(self) -> dict[str, Any]:
+        from airflow.sdk.exceptions import AirflowFailException
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            return conninfo_to_dict(database_dsn(self.conn_id))
+        except Exception as error:  # a missing connection: AirflowNotFoundException, or a malformed one
+            raise AirflowFailException(
+                f"Airflow connection '{self.conn_id}' cannot be read ({type(error).__name__}: {error}); define it "
+                f"in airflow_settings.yaml or as AIRFLOW_CONN_{self.conn_id.upper()}") from None
+
+    @property
+    def profile(self) -> dict[str, Any]:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        try:
+            return profile_output(self._params(), self.get_env_var_format("password"))
+        except DbtProjectProblem as problem:
+            raise AirflowFailException(f"Airflow connection '{self.conn_id}': {problem}") from None
+
+    @property
+    def env_vars(self) -> dict[str, str]:
+        params = self._params()
+        env = libpq_environment(params)
+        if params.get("password"):
+            env[self.get_env_var_name("password")] = str(params["password"])
+        return env
+
+
 # Cosmos writes the profile from the Airflow connection at run time: no secret in the repository.
 profile_config = ProfileConfig(
-    profile_name="warehouse",
-    target_name="airflow",
-    profile_mapping=PostgresUserPasswordProfileMapping(
-        conn_id=WAREHOUSE_CONN_ID,
-        profile_args={"schema": "analytics", "threads": 4},
-    ),
+    profile_name=DBT_PROFILE,
+    target_name=DBT_TARGET,
+    profile_mapping=WarehouseProfileMapping(conn_id=WAREHOUSE_CONN_ID),
 )
 
 
@@ -76,10 +118,9 @@ class DbtSelectionError(ValueError):
     """A setting selects dbt nodes that the manifest does not have."""
 
 
-@cache
 def manifest() -> dict[str, Any]:
-    """The parsed `dbt/target/manifest.json`, read once per process."""
-    return json.loads(DBT_MANIFEST.read_text())
+    """The parsed manifest of the dbt project (dbt/, or DBT_PROJECT_DIR), read once per process."""
+    return MANIFEST
 
 
 def _has_freshness(source: Mapping[str, Any]) -> bool:

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 from include.alerts import send_validation_alert
@@ -25,7 +26,7 @@ from include.copy_engine import (
     plan_parallel_copy,
     sync_table,
 )
-from include.pipeline import TABLES_CONFIG
+from include.pipeline import TABLES_CONFIG, warehouse_table_asset
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,57 @@ class SlotsExhaustedError(TerminalError):
 def configured_tables() -> list[TableConfig]:
     """The tables of include/config/tables.yml (read at DAG parse time: a small local file)."""
     return list(load_config(TABLES_CONFIG).tables)
+
+
+# The pipeline's schedule when tables.yml sets none: every day at midnight UTC.
+DEFAULT_SCHEDULE = "@daily"
+SCHEDULE_VARIABLE = "PIPELINE_SCHEDULE"
+_PRESETS = ("@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly")
+
+
+class ScheduleError(ValueError):
+    """`schedule:` in the table configuration is not a cron expression, a preset or `none`."""
+
+
+def pipeline_schedule(config_path: Path | None = None) -> str | None:
+    """When the pipeline starts on its own: `schedule:` of the table configuration (a cron
+    expression, a preset such as `@hourly`, or `none` for manual runs only), `@daily` by default.
+
+    PIPELINE_SCHEDULE overrides it for one environment (the local stack sets `none`: `make run`
+    triggers the run itself). Ingestion runs on it; with no tables configured, the transform does.
+    """
+    import yaml
+    from croniter import croniter
+
+    value = os.environ.get(SCHEDULE_VARIABLE)
+    where = SCHEDULE_VARIABLE
+    if value is None:
+        path = config_path or TABLES_CONFIG
+        document = yaml.safe_load(path.read_text()) or {}
+        value = document.get("schedule", DEFAULT_SCHEDULE)
+        where = f"`schedule:` in {path.name}"
+    if value is None or str(value).strip().lower() in ("", "none", "null"):
+        return None
+    value = str(value).strip()
+    if value in _PRESETS or (not value.startswith("@") and croniter.is_valid(value)):
+        return value
+    raise ScheduleError(
+        f"{where} is {value!r}: give a cron expression (e.g. '0 6 * * *'), one of {', '.join(_PRESETS)}, or none")
+
+
+def transform_schedule() -> list[Any] | str | None:
+    """The transform runs once every configured raw table has new data (their Assets, all of them);
+    a dbt-only project (no tables) runs on the pipeline's schedule instead."""
+    tables = configured_tables()
+    if tables:
+        return [warehouse_table_asset(table.target) for table in tables]
+    return pipeline_schedule()
+
+
+def ingestion_schedule() -> str | None:
+    """Ingestion runs on the pipeline's schedule (nothing to run when no table is configured)."""
+    schedule = pipeline_schedule()
+    return schedule if configured_tables() else None
 
 
 def table_config(name: str) -> TableConfig:

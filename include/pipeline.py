@@ -120,6 +120,10 @@ def describe_asset_events(events_by_key: Mapping[Any, Iterable[Any]]) -> list[st
     return lines
 
 
+LIBPQ_EXTRA_KEYS = ("sslmode", "sslcert", "sslkey", "sslrootcert", "sslcrl", "passfile", "options",
+                    "connect_timeout", "keepalives_idle", "target_session_attrs", "gssencmode", "channel_binding")
+
+
 def database_dsn(conn_id: str) -> str:
     """A libpq DSN for an Airflow connection (at task run time only)."""
     from airflow.sdk import BaseHook
@@ -134,6 +138,10 @@ def database_dsn(conn_id: str) -> str:
         "password": conn.password,
         "application_name": f"airflow:{conn_id}",
     }
+    # The connection's extra carries the libpq settings a server may need (sslmode, client
+    # certificates, a passfile, options), as the Postgres provider's hook reads them.
+    extra = conn.extra_dejson
+    params.update({key: str(extra[key]) for key in LIBPQ_EXTRA_KEYS if extra.get(key) not in (None, "")})
     return make_conninfo(**{k: v for k, v in params.items() if v not in (None, "")})
 
 

@@ -53,23 +53,24 @@ def test_stack_versions_are_the_ones_this_project_supports():
 def test_dockerfile_uses_astro_runtime_for_airflow_3_3_and_builds_the_manifest():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM astrocrpublic\.azurecr\.io/runtime:3\.3-\d+$", dockerfile, re.M)
-    assert "dbt parse" in dockerfile and "/usr/local/airflow/dbt" in dockerfile
+    assert re.search(r"^RUN python -m include\.dbt_project manifest$", dockerfile, re.M)
 
 
-def test_the_manifest_is_parsed_for_the_profile_cosmos_builds():
-    """dbt reuses the saved parse in each task only for the same profile and target."""
+def test_the_manifest_is_parsed_with_the_profile_cosmos_builds(tmp_path):
+    """dbt reuses the saved parse in each task only for the same profile, target and address: the
+    Dockerfile's parse, `make manifest` and Cosmos' profile all come from include/dbt_project.py."""
     from include.dbt_config import profile_config
-    from include.local_stack import runner
+    from include.dbt_project import DBT_PROFILE, DBT_TARGET, dbt_invocation, settings_warehouse_dsn
 
-    assert (runner.DBT_PROFILE, runner.DBT_TARGET) == (profile_config.profile_name, profile_config.target_name)
-    profiles = yaml.safe_load((ROOT / "dbt" / "profiles.yml").read_text())
-    assert profiles[runner.DBT_PROFILE]["outputs"][runner.DBT_TARGET]["schema"] == "analytics"
-    dockerfile = (ROOT / "Dockerfile").read_text()
-    assert f"--profile {runner.DBT_PROFILE} --target {runner.DBT_TARGET}" in dockerfile
+    assert (DBT_PROFILE, DBT_TARGET) == (profile_config.profile_name, profile_config.target_name)
     warehouse = next(c for c in yaml.safe_load((ROOT / "airflow_settings.yaml").read_text())["airflow"]["connections"]
                      if c["conn_id"] == "warehouse_postgres")
-    assert (f"DBT_HOST={warehouse['conn_host']} DBT_PORT={warehouse['conn_port']} DBT_USER={warehouse['conn_login']} "
-            f"DBT_DBNAME={warehouse['conn_schema']}") in dockerfile
+    dbt_invocation(settings_warehouse_dsn(), tmp_path)
+    output = yaml.safe_load((tmp_path / "profiles.yml").read_text())[DBT_PROFILE]["outputs"][DBT_TARGET]
+    assert (output["host"], output["port"], output["user"], output["dbname"], output["schema"]) == (
+        warehouse["conn_host"], warehouse["conn_port"], warehouse["conn_login"], warehouse["conn_schema"], "analytics")
+    for path in (ROOT / "dbt").rglob("profiles.yml"):
+        raise AssertionError(f"{path}: the profile is generated, none lives in the dbt project")
 
 
 def test_dockerignore_keeps_local_state_out_of_the_image():
@@ -95,24 +96,34 @@ def test_astro_project_layout_is_complete():
     assert yaml.safe_load((ROOT / ".astro" / "config.yaml").read_text())["project"]["name"]
 
 
-def test_the_dbt_docs_entry_names_the_dbt_project_in_the_image_and_the_local_stack(tmp_path):
+def test_the_dbt_docs_entry_is_keyed_by_the_manifests_project_name_in_the_image_and_the_local_stack(tmp_path):
     """Cosmos serves the docs of the `[cosmos] dbt_docs_projects` entry whose key the docs task looks up
-    (include/dbt_config.py: the dbt project's name); a key spelled differently in one place serves nothing."""
+    (include/dbt_config.py: the dbt project's name, from the manifest); nowhere is the name written."""
+    from include.dbt_config import DBT_DOCS_PROJECT
+    from include.dbt_project import main
     from include.local_stack.airflow import airflow_environment
     from include.local_stack.settings import StackSettings
 
-    project = yaml.safe_load((ROOT / "dbt" / "dbt_project.yml").read_text())["name"]
-    dbt_config = (ROOT / "include" / "dbt_config.py").read_text()
-    assert f'DBT_PROJECT_NAME = "{project}"' in dbt_config and "DBT_DOCS_PROJECT = DBT_PROJECT_NAME" in dbt_config
-    image = re.search(r"^ENV AIRFLOW__COSMOS__DBT_DOCS_PROJECTS='(.+)'$", (ROOT / "Dockerfile").read_text(), re.M)
-    assert image is not None
-    image_entry = json.loads(image.group(1))
+    project = json.loads((ROOT / "dbt" / "target" / "manifest.json").read_text())["metadata"]["project_name"]
+    assert DBT_DOCS_PROJECT == project
+    for path in ("Dockerfile", "include/dbt_config.py", "include/local_stack/airflow.py"):
+        assert project not in (ROOT / path).read_text(), f"{path} names the dbt project"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "python -m include.dbt_project docs-setting --docs-dir /usr/local/airflow/include/dbt_docs" in dockerfile
+    assert "dbt_docs_projects = %s" in dockerfile and 'airflow.cfg"' in dockerfile
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["docs-setting", "--docs-dir", "/usr/local/airflow/include/dbt_docs"]) == 0
+    image_entry = json.loads(printed.getvalue())
     local = StackSettings(data_dir=tmp_path / "data")
     local_entry = json.loads(airflow_environment(local)["AIRFLOW__COSMOS__DBT_DOCS_PROJECTS"])
     assert list(image_entry) == list(local_entry) == [project]
     assert image_entry[project]["dir"] == "/usr/local/airflow/include/dbt_docs"  # inside the Astro project
     assert local_entry[project]["dir"] == str(tmp_path / "data" / "dbt_docs")
-    assert image_entry[project]["name"] == local_entry[project]["name"]
+    assert image_entry[project]["name"] == local_entry[project]["name"] == f"dbt Docs ({project})"
 
 
 def _canonical(name: str) -> str:

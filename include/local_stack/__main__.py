@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "tick":
             from include.demo_data import tick
 
+            if not runner.demo_in_use():
+                raise runner.StackError("`make tick` changes the demo's source tables, and include/config/tables.yml "
+                                        "does not copy them: your own source is left alone.")
             runner.start_databases(settings)
             seed = args.seed if args.seed is not None else int(time.time())
             changed = tick(settings.database_url(SOURCE_CONN_ID), seed=seed, now=datetime.now(UTC))

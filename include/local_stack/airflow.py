@@ -26,6 +26,8 @@ from typing import Any
 from psycopg.conninfo import conninfo_to_dict
 
 from include.local_stack import celery
+from include.dbt_project import PROJECT_DIR_VARIABLE as DBT_PROJECT_DIR_VARIABLE
+from include.dbt_project import docs_projects_setting, project_name
 from include.local_stack.postgres import free_port
 from include.local_stack.settings import SOURCE_CONN_ID, WAREHOUSE_CONN_ID, StackSettings
 
@@ -57,7 +59,10 @@ def airflow_connection_uri(dsn: str) -> str:
         auth += f":{urllib.parse.quote(password, safe='')}"
     host = params.get("host", "127.0.0.1")
     port = params.get("port", "5432")
-    return f"postgres://{auth}@{host}:{port}/{params.get('dbname', 'postgres')}"
+    # Anything else (sslmode, certificates, passfile, options) becomes the connection's extra.
+    extra = {key: value for key, value in params.items() if key not in ("user", "password", "host", "port", "dbname")}
+    query = f"?{urllib.parse.urlencode(extra)}" if extra else ""
+    return f"postgres://{auth}@{host}:{port}/{params.get('dbname', 'postgres')}{query}"
 
 
 def airflow_environment(settings: StackSettings) -> dict[str, str]:
@@ -94,9 +99,11 @@ def airflow_environment(settings: StackSettings) -> dict[str, str]:
             "AIRFLOW__COSMOS__ENABLE_TELEMETRY": "False",
             # The docs the transform's dbt_docs task publishes, served by Cosmos' plugin under
             # Browse → dbt Docs (include/dbt_config.py writes where this entry points).
-            "AIRFLOW__COSMOS__DBT_DOCS_PROJECTS": json.dumps(
-                {"postgres_analytics": {"dir": str(settings.data_dir / "dbt_docs"), "name": "dbt Docs (warehouse)"}}
+            # Keyed by the dbt project's name, read from its manifest.
+            "AIRFLOW__COSMOS__DBT_DOCS_PROJECTS": docs_projects_setting(
+                project_name(settings.dbt_project_dir), str(settings.data_dir / "dbt_docs")
             ),
+            DBT_PROJECT_DIR_VARIABLE: str(settings.dbt_project_dir),
             # Cosmos' partial-parse and profile cache, per stack: by default every stack on the
             # machine (make run, the e2e tests, the benchmark) would share /tmp/cosmos.
             "AIRFLOW__COSMOS__CACHE_DIR": str(settings.data_dir / "cosmos_cache"),
@@ -112,6 +119,9 @@ def airflow_environment(settings: StackSettings) -> dict[str, str]:
         }
     )
     env.update(celery.executor_environment(settings.celery, settings.embedded_dsn("airflow")))
+    # `make run` triggers the pipeline itself; the schedule of tables.yml would start a second run
+    # at once (catchup=False still runs the latest interval). PIPELINE_SCHEDULE: include/ingestion.py.
+    env.setdefault("PIPELINE_SCHEDULE", "none")
     env.update(settings.extra_env)
     return env
 

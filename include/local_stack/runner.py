@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -20,11 +15,14 @@ from typing import Any
 
 import psycopg
 
-from include.local_stack import airflow, celery
+from include import dbt_project
+from include.local_stack import airflow, celery, preflight
+from include.local_stack.failures import first_failure, task_label
 from include.local_stack.postgres import EmbeddedPostgres, create_database
 from include.local_stack.settings import (
     SOURCE_CONN_ID,
     WAREHOUSE_CONN_ID,
+    StackError,
     StackSettings,
     load_airflow_settings,
     mask_password,
@@ -34,13 +32,8 @@ logger = logging.getLogger(__name__)
 
 INGEST_DAG = "ingest_raw_tables"
 TRANSFORM_DAG = "transform_dbt"
-# The profile and target of the profile Cosmos builds (include/dbt_config.py's ProfileConfig).
-DBT_PROFILE = "warehouse"
-DBT_TARGET = "airflow"
-
-
-class StackError(RuntimeError):
-    """Set-up cannot go on; the message names what is wrong and what to do."""
+# The demo's source tables: `make run` generates them when the table configuration copies them.
+DEMO_SOURCES = ("public.stock_master", "public.edi_690")
 
 
 @contextmanager
@@ -83,10 +76,23 @@ def start_databases(settings: StackSettings) -> None:
                 ) from None
 
 
+def demo_in_use() -> bool:
+    """The table configuration copies the demo's source tables (the template's default content)."""
+    from include.copy_engine import load_config
+    from include.pipeline import tables_config_path
+
+    return set(DEMO_SOURCES) <= {table.source for table in load_config(tables_config_path()).tables}
+
+
 def ensure_demo_data(settings: StackSettings) -> dict[str, Any] | None:
-    """Generate the demo source tables the first time; later runs copy what is there."""
+    """Generate the demo source tables the first time; later runs copy what is there.
+
+    Only while the table configuration copies the demo's tables: a source of your own is never written to.
+    """
     from include.demo_data import generate
 
+    if not demo_in_use():
+        return None
     url = settings.database_url(SOURCE_CONN_ID)
     with psycopg.connect(url) as conn:
         present = conn.execute("select to_regclass('public.stock_master') is not null").fetchone()[0]
@@ -102,56 +108,29 @@ def ensure_demo_data(settings: StackSettings) -> dict[str, Any] | None:
     )
 
 
-def dbt_environment(settings: StackSettings) -> dict[str, str]:
-    params = psycopg.conninfo.conninfo_to_dict(settings.database_url(WAREHOUSE_CONN_ID))
-    env = dict(os.environ)
-    env.update(
-        DBT_HOST=params.get("host", "127.0.0.1"),
-        DBT_PORT=str(params.get("port", 5432)),
-        DBT_USER=params.get("user", "postgres"),
-        DBT_PASSWORD=params.get("password", ""),
-        DBT_DBNAME=params.get("dbname", "warehouse"),
-    )
-    return env
-
-
 def build_manifest(settings: StackSettings) -> Path:
-    """`dbt parse` writes dbt/target/manifest.json, which Cosmos renders the transform DAG from.
-
-    Parsed into a scratch folder and moved into place in one rename: a DAG file parsed meanwhile
-    reads the old manifest or the new one, never half of one.
-    """
-    project = settings.root / "dbt"
-    manifest = project / "target" / "manifest.json"
-    # dbt reuses a saved parse only for the same profile, target and warehouse address (not the
-    # password); the stamp says which address this one was made for.
-    stamp = project / "target" / "parsed_for.txt"
-    params = psycopg.conninfo.conninfo_to_dict(settings.database_url(WAREHOUSE_CONN_ID))
-    parsed_for = f"{DBT_PROFILE}/{DBT_TARGET} {params.get('user')}@{params.get('host')}:{params.get('port')}/" \
-                 f"{params.get('dbname')}"
-    generated = {project / "target", project / "logs"}
-    sources = [p for p in project.rglob("*") if p.is_file() and not any(p.is_relative_to(g) for g in generated)]
-    if (manifest.exists() and stamp.exists() and stamp.read_text() == parsed_for
-            and all(p.stat().st_mtime <= manifest.stat().st_mtime for p in sources)):
-        return manifest
-    manifest.parent.mkdir(exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".parse-", dir=manifest.parent))
+    """`dbt parse` of the stack's dbt project, for the stack's warehouse (skipped when current)."""
     try:
-        result = subprocess.run(
-            [str(Path(sys.executable).with_name("dbt")), "parse", "--project-dir", str(project),
-             "--profiles-dir", str(project), "--profile", DBT_PROFILE, "--target", DBT_TARGET,
-             "--target-path", str(scratch), "--log-path", str(scratch)],
-            env=dbt_environment(settings), capture_output=True, text=True, cwd=project,
-        )  # fmt: skip
-        if result.returncode != 0:
-            raise StackError(f"`dbt parse` failed, so the transform DAG cannot be rendered:\n{result.stdout[-3000:]}")
-        # Cosmos hands the partial-parse state to each task's dbt, which then skips a full parse.
-        os.replace(scratch / "partial_parse.msgpack", manifest.parent / "partial_parse.msgpack")
-        os.replace(scratch / "manifest.json", manifest)
-        stamp.write_text(parsed_for)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return manifest
+        return dbt_project.build_manifest(settings.database_url(WAREHOUSE_CONN_ID), settings.dbt_project_dir)
+    except dbt_project.DbtProjectProblem as problem:
+        raise StackError(str(problem)) from None
+
+
+def check_before_airflow(settings: StackSettings) -> None:
+    """dbt reaches the warehouse with the profile the tasks will build, and every DAG file imports."""
+
+    def dbt_connects() -> None:
+        url = settings.database_url(WAREHOUSE_CONN_ID)
+        try:
+            dbt_project.check_dbt_connection(url, settings.dbt_project_dir)
+        except dbt_project.DbtProjectProblem as problem:
+            embedded = settings.uses_embedded(WAREHOUSE_CONN_ID)
+            variable = "the embedded server" if embedded else "WAREHOUSE_DATABASE_URL"
+            raise StackError(f"Connection '{WAREHOUSE_CONN_ID}' ({mask_password(url)}, from {variable}): {problem}. "
+                             "Fix the URL (user, password, sslmode, certificates) and run again.") from None
+
+    preflight.run_together(
+        dbt_connects, lambda: preflight.check_dag_files(airflow.airflow_environment(settings), settings.root / "dags"))
 
 
 def check_broker(settings: StackSettings) -> None:
@@ -164,9 +143,18 @@ def check_broker(settings: StackSettings) -> None:
 
 
 def start_airflow(settings: StackSettings) -> airflow.AirflowClient:
+    """Start Airflow, or reuse the running one; restart it when the project or its settings changed."""
+    run_dir = settings.airflow_home / "run"
+    current = preflight.fingerprint(airflow.airflow_environment(settings), settings.root)
+    if airflow.running_components(settings):
+        changed = preflight.changed_since_start(run_dir, current)
+        if changed:
+            logger.warning("restarting the running Airflow: changed since it started: %s", ", ".join(changed))
+            airflow.stop(settings)
     if not airflow.running_components(settings):
         airflow.migrate_database(settings)
     airflow.start(settings)
+    preflight.record_fingerprint(run_dir, current)
     client = airflow.wait_until_healthy(settings)
     apply_pools_and_variables(client)
     return client
@@ -205,48 +193,71 @@ class PipelineRun:
     seconds: float = 0.0
 
 
-def trigger_pipeline(client: airflow.AirflowClient, timeout: float = 900) -> PipelineRun:
-    """Trigger ingestion by hand; the transform must follow from the Asset events alone."""
+def trigger_pipeline(client: airflow.AirflowClient, timeout: float = 900, logs: Path | None = None,
+                     *, ingest: bool = True) -> PipelineRun:
+    """Trigger ingestion by hand; the transform must follow from the Asset events alone.
+
+    With no tables to copy (`ingest=False`, a dbt-only project) the transform is triggered by hand.
+    """
     started = time.monotonic()
-    airflow.wait_for_dags(client, [INGEST_DAG, TRANSFORM_DAG])
+    airflow.wait_for_dags(client, [INGEST_DAG, TRANSFORM_DAG] if ingest else [TRANSFORM_DAG])
     known_transforms = {r["dag_run_id"] for r in airflow.dag_runs(client, TRANSFORM_DAG)}
     run_id = f"make_run__{datetime.now(UTC):%Y%m%dT%H%M%S%f}"
-    client.post(f"/api/v2/dags/{INGEST_DAG}/dagRuns", {"dag_run_id": run_id, "logical_date": None})
-    ingest = airflow.wait_for_run(client, INGEST_DAG, run_id, timeout)
-    if ingest["state"] != "success":
-        raise StackError(f"Ingestion run {run_id} failed: {failed_tasks(client, INGEST_DAG, run_id)}")
-    transform = airflow.wait_for_new_run(
-        client, TRANSFORM_DAG, known_transforms, "asset_triggered", timeout - (time.monotonic() - started)
-    )
-    events = client.get(f"/api/v2/assets/events?source_dag_id={INGEST_DAG}&source_run_id={run_id}&limit=100")
-    tables = {event["uri"]: event.get("extra") or {} for event in events["asset_events"]}
+    if ingest:
+        client.post(f"/api/v2/dags/{INGEST_DAG}/dagRuns", {"dag_run_id": run_id, "logical_date": None})
+        ingest_run = airflow.wait_for_run(client, INGEST_DAG, run_id, timeout)
+        if ingest_run["state"] != "success":
+            raise StackError(f"Ingestion run {run_id} failed: {failed_tasks(client, INGEST_DAG, run_id, logs)}")
+        transform = airflow.wait_for_new_run(
+            client, TRANSFORM_DAG, known_transforms, "asset_triggered", timeout - (time.monotonic() - started)
+        )
+    else:
+        ingest_run = {"dag_run_id": None, "state": "skipped", "run_type": "none"}
+        client.post(f"/api/v2/dags/{TRANSFORM_DAG}/dagRuns", {"dag_run_id": run_id, "logical_date": None})
+        transform = airflow.wait_for_run(client, TRANSFORM_DAG, run_id, timeout)
+    ingest = ingest_run
+    tables = {}
+    if ingest["dag_run_id"]:
+        events = client.get(f"/api/v2/assets/events?source_dag_id={INGEST_DAG}&source_run_id={run_id}&limit=100")
+        tables = {event["uri"]: event.get("extra") or {} for event in events["asset_events"]}
     run = PipelineRun(ingest=ingest, transform=transform, tables=tables, seconds=time.monotonic() - started)
     for dag_id, dag_run in ((INGEST_DAG, ingest), (TRANSFORM_DAG, transform)):
+        if not dag_run["dag_run_id"]:
+            continue
         run.task_states[dag_id] = Counter(
             ti["state"] for ti in airflow.task_instances(client, dag_id, dag_run["dag_run_id"])
         )
     if transform["state"] != "success":
         raise StackError(
             f"The transform run {transform['dag_run_id']} failed: "
-            f"{failed_tasks(client, TRANSFORM_DAG, transform['dag_run_id'])}"
+            f"{failed_tasks(client, TRANSFORM_DAG, transform['dag_run_id'], logs)}"
         )
     return run
 
 
-def task_label(ti: dict[str, Any]) -> str:
-    """A task instance as the UI names it: `task_id`, or `task_id[table]` for a mapped one."""
-    if ti["map_index"] < 0:
-        return ti["task_id"]
-    return f"{ti['task_id']}[{ti.get('rendered_map_index') or ti['map_index']}]"
+__all__ = ["StackError", "task_label"]
 
 
-def failed_tasks(client: airflow.AirflowClient, dag_id: str, run_id: str) -> str:
-    failed = [
-        task_label(ti)
-        for ti in airflow.task_instances(client, dag_id, run_id)
-        if ti["state"] in ("failed", "upstream_failed")
-    ]
-    return ", ".join(failed) or "no failed task recorded"
+def failed_tasks(client: airflow.AirflowClient, dag_id: str, run_id: str, logs: Path | None = None) -> str:
+    """The failed tasks, then the first failure's cause (task, error class and message, log path)."""
+    instances = list(airflow.task_instances(client, dag_id, run_id))
+    failed = [task_label(ti) for ti in instances if ti["state"] in ("failed", "upstream_failed")]
+    text = ", ".join(failed) or "no failed task recorded"
+    if logs is not None and failed:
+        text += "\n  " + first_failure(logs, instances)
+    return text
+
+
+def dbt_task_counts(manifest: dict[str, Any], task_instances: list[dict[str, Any]]) -> dict[str, Counter[str]]:
+    """Per node type, the states of the tasks that ran the manifest's seeds, snapshots and models,
+    and (under `test`) the states of the tasks that ran their tests."""
+    counts: dict[str, Counter[str]] = {kind: Counter() for kind in dbt_project.NODE_TYPES}
+    nodes = dbt_project.task_nodes(manifest, [ti["task_id"] for ti in task_instances])
+    for ti in task_instances:
+        found = nodes.get(ti["task_id"])
+        if found:
+            counts[found[1]][ti["state"]] += 1
+    return counts
 
 
 # The last part of the task id of a task Cosmos renders for a dbt node (`<node>.run`, or `<node>_run`
@@ -265,18 +276,13 @@ def dbt_task_kind(task_id: str) -> str | None:
     return None
 
 
-def transform_task_counts(client: airflow.AirflowClient, run_id: str) -> dict[str, int]:
-    counts: Counter[str] = Counter()
-    for ti in airflow.task_instances(client, TRANSFORM_DAG, run_id):
-        kind = dbt_task_kind(ti["task_id"])
-        if kind:
-            counts[f"{kind}_{ti['state']}"] += 1
-    return dict(counts)
-
-
 def summary(settings: StackSettings, client: airflow.AirflowClient, run: PipelineRun, total_seconds: float) -> str:
-    counts = transform_task_counts(client, run.transform["dag_run_id"])
-    lines = ["", "Pipeline finished.", "  Tables copied into the warehouse:"]
+    manifest = dbt_project.load_manifest(dbt_project.manifest_path(settings.dbt_project_dir))
+    in_manifest = dbt_project.node_counts(manifest)
+    ran = dbt_task_counts(manifest, list(airflow.task_instances(client, TRANSFORM_DAG, run.transform["dag_run_id"])))
+    lines = ["", "Pipeline finished."]
+    if run.tables:
+        lines.append("  Tables copied into the warehouse:")
     for uri, extra in sorted(run.tables.items()):
         table = "/".join(uri.split("/")[-2:]).replace("/", ".")
         lines.append(
@@ -284,39 +290,59 @@ def summary(settings: StackSettings, client: airflow.AirflowClient, run: Pipelin
             f"+{extra.get('rows_inserted', '?')} ~{extra.get('rows_updated', '?')} -{extra.get('rows_deleted', '?')}"
             f"  validation {'ok' if extra.get('validation_match') else extra.get('validation_match')}"
         )
+    trigger = "triggered by the raw tables' Asset events" if run.tables else "triggered by `make run`"
     lines += [
-        f"  dbt (run {run.transform['dag_run_id']}, triggered by the raw tables' Asset events):",
-        f"    nodes run: {counts.get('nodes_success', 0)} succeeded, {counts.get('nodes_failed', 0)} failed",
-        f"    tests:     {counts.get('tests_success', 0)} passed, {counts.get('tests_failed', 0)} failed",
+        f"  dbt project {manifest['metadata']['project_name']} ({dbt_project.describe_counts(in_manifest)}):",
+        f"    run {run.transform['dag_run_id']}, {trigger}",
+    ]
+    for kind in ("seed", "snapshot", "model"):
+        if in_manifest[kind]:
+            lines.append(f"    {kind + 's':<10} {ran[kind]['success']} succeeded, {ran[kind]['failed']} failed "
+                         f"(of {in_manifest[kind]})")  # fmt: skip
+    if in_manifest["test"]:
+        lines.append(f"    {'tests':<10} {ran['test']['success']} test tasks passed, {ran['test']['failed']} failed "
+                     f"({in_manifest['test']} tests)")  # fmt: skip
+    lines += [
         f"  Time: {total_seconds:.0f} s in all, {run.seconds:.0f} s from trigger to transformed marts.",
         f"  Executor: {settings.celery.describe() if settings.celery else 'LocalExecutor'}.",
         f"  Airflow UI: {settings.api_url}  (login: {airflow.ADMIN_USER} / {airflow.admin_password(settings)})",
-        "  Stop everything with `make stop`; `make tick` changes the source, `make run` copies it again.",
+        f"  dbt docs: {settings.api_url}/cosmos/{manifest['metadata']['project_name']}/dbt_docs",
     ]
+    if demo_in_use():
+        lines.append("  Stop everything with `make stop`; `make tick` changes the source, `make run` copies it again.")
+    else:
+        lines.append("  Stop everything with `make stop`; `make run` runs the pipeline again.")
     return "\n".join(lines)
+
+
+def prepare(settings: StackSettings) -> airflow.AirflowClient:
+    """Everything before a run: checks first (one line each), then databases, manifest, Airflow."""
+    check_broker(settings)
+    ours = "api-server" in airflow.running_components(settings) and preflight.started_with(
+        settings.airflow_home / "run", airflow.airflow_environment(settings), "AIRFLOW__API__PORT")
+    preflight.check_ports(settings, airflow_running=ours, postgres_running=embedded_postgres(settings).is_running())
+    preflight.check_tables_config()
+    start_databases(settings)
+    generated = ensure_demo_data(settings)
+    if generated:
+        logger.info("generated demo source data: %s", generated)
+    build_manifest(settings)
+    check_before_airflow(settings)
+    return start_airflow(settings)
 
 
 def run(settings: StackSettings) -> str:
     started = time.monotonic()
     with exclusive(settings):
-        check_broker(settings)
-        start_databases(settings)
-        generated = ensure_demo_data(settings)
-        if generated:
-            logger.info("generated demo source data: %s", generated)
-        build_manifest(settings)
-        client = start_airflow(settings)
-    pipeline = trigger_pipeline(client)
+        client = prepare(settings)
+    tables = preflight.check_tables_config()
+    pipeline = trigger_pipeline(client, logs=settings.airflow_home / "logs", ingest=tables > 0)
     return summary(settings, client, pipeline, time.monotonic() - started)
 
 
 def up(settings: StackSettings) -> airflow.AirflowClient:
     with exclusive(settings):
-        check_broker(settings)
-        start_databases(settings)
-        ensure_demo_data(settings)
-        build_manifest(settings)
-        return start_airflow(settings)
+        return prepare(settings)
 
 
 def stop(settings: StackSettings) -> list[str]:

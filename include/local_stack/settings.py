@@ -18,6 +18,7 @@ import yaml
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from include.local_stack.celery import CeleryOptions, options_from_environment
+from include.dbt_project import dbt_project_dir
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SETTINGS_FILE = PROJECT_ROOT / "airflow_settings.yaml"
@@ -25,6 +26,10 @@ SETTINGS_FILE = PROJECT_ROOT / "airflow_settings.yaml"
 SOURCE_CONN_ID = "source_postgres"
 WAREHOUSE_CONN_ID = "warehouse_postgres"
 _URL_VARIABLES = {SOURCE_CONN_ID: "SOURCE_DATABASE_URL", WAREHOUSE_CONN_ID: "WAREHOUSE_DATABASE_URL"}
+
+
+class StackError(RuntimeError):
+    """Set-up cannot go on; the message names what is wrong and what to do."""
 
 
 def load_airflow_settings(path: Path = SETTINGS_FILE) -> dict[str, Any]:
@@ -60,6 +65,8 @@ class StackSettings:
     demo_securities: int = 10_000
     demo_events: int = 100_000
     demo_seed: int = 42
+    # The dbt project the stack runs: dbt/, or the folder DBT_PROJECT_DIR names.
+    dbt_project_dir: Path = field(default_factory=dbt_project_dir)
     extra_env: dict[str, str] = field(default_factory=dict)
     # None: the LocalExecutor. AIRFLOW_EXECUTOR=celery: Celery workers (include/local_stack/celery.py).
     celery: CeleryOptions | None = None
@@ -74,6 +81,7 @@ class StackSettings:
             demo_securities=int(os.environ.get("DEMO_SECURITIES", "10000")),
             demo_events=int(os.environ.get("DEMO_EVENTS", "100000")),
             celery=options_from_environment(),
+            dbt_project_dir=dbt_project_dir(),
         )
 
     @property

@@ -8,7 +8,6 @@ directory, so parallel runs never share state.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -22,6 +21,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from include.copy_engine._state import ensure_state_tables
+from include.dbt_project import dbt_arguments, dbt_invocation
 from include.demo_data import generate, tick
 from tests.conftest import PostgresServer
 
@@ -35,35 +35,24 @@ SEED = 42
 TICK_SEED = 7
 
 
-def dbt_env(dsn: str | None) -> dict[str, str]:
-    env = {**os.environ, "DBT_SEND_ANONYMOUS_USAGE_STATS": "false", "DO_NOT_TRACK": "1"}
-    if dsn is not None:
-        info = psycopg.conninfo.conninfo_to_dict(dsn)
-        env |= {
-            "DBT_HOST": str(info.get("host", "127.0.0.1")),
-            "DBT_PORT": str(info.get("port", "5432")),
-            "DBT_USER": str(info.get("user", "postgres")),
-            "DBT_PASSWORD": str(info.get("password", "")),
-            "DBT_DBNAME": str(info["dbname"]),
-        }
-    return env
+def dbt_env(dsn: str | None, work_dir: Path) -> dict[str, str]:
+    """The environment for dbt with the profile the template generates for `dsn` (in `work_dir/profiles`)."""
+    return dbt_invocation(dsn or "postgresql://nobody@127.0.0.1:9/nowhere", work_dir / "profiles")
 
 
 def run_dbt(arguments: Sequence[str], *, dsn: str | None, work_dir: Path) -> subprocess.CompletedProcess[str]:
     """`dbt <arguments>` on the project; fails the test with dbt's output if dbt fails."""
+    env = dbt_env(dsn, work_dir)
     command = [
         str(DBT),
         *arguments,
-        "--project-dir",
-        str(DBT_PROJECT),
-        "--profiles-dir",
-        str(DBT_PROJECT),
+        *dbt_arguments(DBT_PROJECT, work_dir / "profiles"),
         "--target-path",
         str(work_dir / "target"),
         "--log-path",
         str(work_dir / "logs"),
     ]
-    result = subprocess.run(command, env=dbt_env(dsn), capture_output=True, text=True, cwd=work_dir)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=work_dir)
     if result.returncode != 0:
         pytest.fail(f"{' '.join(arguments)} failed ({result.returncode}):\n{result.stdout[-6000:]}\n{result.stderr}")
     return result

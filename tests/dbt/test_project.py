@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from include.dbt_project import dbt_arguments
 from include.demo_data import generate
 from tests.conftest import PostgresServer
 from tests.dbt.conftest import DBT_PROJECT, EVENTS, SECURITIES, dbt_env, run_dbt
@@ -37,11 +38,11 @@ def test_parse_needs_no_database(tmp_path: Path) -> None:
     assert len(manifest["unit_tests"]) >= 5
 
 
-def test_sql_passes_sqlfluff() -> None:
+def test_sql_passes_sqlfluff(tmp_path: Path) -> None:
     result = subprocess.run(
         [str(Path(sys.executable).parent / "sqlfluff"), "lint", "models", "snapshots", "tests", "--nocolor"],
         cwd=DBT_PROJECT,
-        env=dbt_env(None),
+        env=dbt_env(None, tmp_path),
         capture_output=True,
         text=True,
     )
@@ -73,11 +74,9 @@ def test_each_node_runs_alone_with_its_tests(pg18: PostgresServer, tmp_path: Pat
     dsn = pg18.new_database("dbt_nodes")
     try:
         generate(dsn, securities=SECURITIES // 3, events=EVENTS // 3, schema="raw")
+        env = dbt_env(dsn, tmp_path)
         common = [
-            "--project-dir",
-            str(DBT_PROJECT),
-            "--profiles-dir",
-            str(DBT_PROJECT),
+            *dbt_arguments(DBT_PROJECT, tmp_path / "profiles"),
             "--target-path",
             str(tmp_path / "target"),
             "--log-path",
@@ -85,7 +84,7 @@ def test_each_node_runs_alone_with_its_tests(pg18: PostgresServer, tmp_path: Pat
         ]
         result = subprocess.run(
             [sys.executable, "-c", _NODE_BY_NODE, *common],
-            env=dbt_env(dsn),
+            env=env,
             capture_output=True,
             text=True,
             cwd=tmp_path,

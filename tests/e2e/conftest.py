@@ -26,12 +26,15 @@ class RunningStack:
     client: airflow.AirflowClient
 
 
-def start_stack(data_dir, warehouse_url: str | None, extra_env: dict[str, str]) -> RunningStack:
+def start_stack(data_dir, warehouse_url: str | None, extra_env: dict[str, str], source_url: str | None = None,
+                **settings_args) -> RunningStack:
     settings = StackSettings(
         data_dir=data_dir,
         postgres_port=free_port(),
         api_port=free_port(),
         warehouse_url=warehouse_url,
+        source_url=source_url,
+        **settings_args,
         demo_securities=E2E_SECURITIES,
         demo_events=E2E_EVENTS,
         extra_env=extra_env,
@@ -54,21 +57,28 @@ def slack_receiver() -> Iterator[WebhookServer]:
 @pytest.fixture(scope="module", params=["pg18", "pg15"])
 def stack(request, server_dirs, slack_receiver) -> Iterator[RunningStack]:
     """A real Airflow whose warehouse is the embedded PostgreSQL 18, or the machine's PostgreSQL 15;
-    its alerts go to `slack_receiver`."""
-    warehouse_url = None
+    its alerts go to `slack_receiver`.
+
+    On PostgreSQL 15 (trust authentication) source and warehouse are both there, as servers of your
+    own, and their URLs carry no password: dbt must connect as the copy engine does, without one.
+    """
+    warehouse_url = source_url = None
     if request.param == "pg15":
         pg15 = request.getfixturevalue("pg15")
+        source_url = pg15.new_database("e2e_source")
         warehouse_url = pg15.new_database("e2e_warehouse")
         warehouse_url, role = owned_by_new_login_role(pg15.admin_dsn, warehouse_url)
+        warehouse_url = make_conninfo(**{k: v for k, v in conninfo_to_dict(warehouse_url).items() if k != "password"})
     slack_receiver.bodies.clear()
     alerts = {"AIRFLOW_CONN_SLACK_ALERTS": json.dumps(slack_connection(slack_receiver.server_port))}
-    running = start_stack(server_dirs(f"stack-{request.param}"), warehouse_url, alerts)
+    running = start_stack(server_dirs(f"stack-{request.param}"), warehouse_url, alerts, source_url)
     try:
         yield running
     finally:
         runner.stop(running.settings)
         if warehouse_url:
             pg15.drop_database(warehouse_url)
+            pg15.drop_database(source_url)
             with psycopg.connect(pg15.admin_dsn, autocommit=True) as conn:
                 conn.execute(sql.SQL("drop role if exists {}").format(sql.Identifier(role)))
 

@@ -149,12 +149,17 @@ def test_the_example_consumer_is_triggered_by_the_asset_cosmos_emits_for_fact_ev
 
 
 def test_summary_names_tables_nodes_tests_and_the_ui(stack, pipeline_run):
+    from include.dbt_project import load_manifest, node_counts
+
     text = runner.summary(stack.settings, stack.client, pipeline_run, 12.0)
     assert "raw.stock_master" in text and "raw.edi_690" in text
     assert " read      400" in text and " read     4000" in text
-    assert "tests:" in text and " 0 failed" in text
+    counts = node_counts(load_manifest())
+    assert f"    snapshots  {counts['snapshot']} succeeded, 0 failed (of {counts['snapshot']})" in text
+    assert f"    models     {counts['model']} succeeded, 0 failed (of {counts['model']})" in text
+    assert f"test tasks passed, 0 failed ({counts['test']} tests)" in text
     assert f"Airflow UI: {stack.settings.api_url}" in text
-    assert "make stop" in text
+    assert "make stop" in text and "make tick" in text  # the demo is in use
 
 
 def test_starting_again_while_up_reuses_the_running_airflow(stack, pipeline_run):

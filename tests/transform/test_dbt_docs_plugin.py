@@ -15,11 +15,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+from include.dbt_project import project_name
 from include.local_stack.airflow import airflow_environment
 from include.local_stack.settings import StackSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-DOCS_PROJECT = "postgres_analytics"  # include.dbt_config.DBT_DOCS_PROJECT, without importing Cosmos here
+DOCS_PROJECT = project_name()  # include.dbt_config.DBT_DOCS_PROJECT (the manifest's), without importing Cosmos
 
 PROBE = textwrap.dedent(
     """
@@ -74,7 +75,8 @@ def test_local_stack_configures_the_plugin_and_the_api_server_serves_the_docs(tm
     assert probe["import_errors"] == {}
     assert "astronomer-cosmos" in probe["source"], probe["source"]  # the entry-point plugin of the package
     assert probe["external_views"] == [
-        {"name": "dbt Docs (warehouse)", "category": "Browse", "href": f"/cosmos/{DOCS_PROJECT}/dbt_docs_index.html"}
+        {"name": f"dbt Docs ({DOCS_PROJECT})", "category": "Browse",
+         "href": f"/cosmos/{DOCS_PROJECT}/dbt_docs_index.html"}
     ]
     pages = probe["pages"]
     index = pages["dbt_docs_index.html"]
@@ -87,10 +89,13 @@ def test_local_stack_configures_the_plugin_and_the_api_server_serves_the_docs(tm
 
 
 def test_dockerfile_configures_the_same_project_for_astro(tmp_path):
+    """The image writes the entry into airflow.cfg at build time, from the manifest it has just built."""
     dockerfile = (PROJECT_ROOT / "Dockerfile").read_text()
-    match = re.search(r"AIRFLOW__COSMOS__DBT_DOCS_PROJECTS='([^']+)'", dockerfile)
-    assert match, "the Dockerfile does not set AIRFLOW__COSMOS__DBT_DOCS_PROJECTS"
-    projects = json.loads(match.group(1))
+    match = re.search(r"python -m include\.dbt_project docs-setting --docs-dir (\S+)\)", dockerfile)
+    assert match, "the Dockerfile does not write [cosmos] dbt_docs_projects"
+    built = subprocess.run([sys.executable, "-m", "include.dbt_project", "docs-setting", "--docs-dir", match.group(1)],
+                           cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)  # fmt: skip
+    projects = json.loads(built.stdout)
     assert list(projects) == [DOCS_PROJECT]
     assert projects[DOCS_PROJECT]["dir"].startswith("/usr/local/airflow/")
     local_env = airflow_environment(StackSettings(data_dir=tmp_path))

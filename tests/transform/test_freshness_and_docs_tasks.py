@@ -23,12 +23,13 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from include.dbt_project import docs_projects_setting, project_name
 from include.demo_data import generate
 from include.local_stack.airflow import airflow_connection_uri
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = PROJECT_ROOT / "dbt" / "target" / "manifest.json"
-DOCS_PROJECT = "postgres_analytics"
+DOCS_PROJECT = project_name()
 # The age of each raw table's newest change, against warn_after 10 days and error_after 30 days.
 AGES = {"fresh": timedelta(hours=1), "stale_warn": timedelta(days=15), "stale_error": timedelta(days=40)}
 
@@ -86,7 +87,7 @@ def age_raw_tables(dsn: str, age: timedelta) -> None:
 
 
 def docs_setting(folder: Path) -> str:
-    return json.dumps({DOCS_PROJECT: {"dir": str(folder), "name": "dbt Docs (warehouse)"}})
+    return docs_projects_setting(DOCS_PROJECT, str(folder))
 
 
 @pytest.fixture(scope="module", params=["pg18", "pg15"])
