@@ -25,9 +25,9 @@ from typing import Any
 
 from psycopg.conninfo import conninfo_to_dict
 
-from include.local_stack import celery
 from include.dbt_project import PROJECT_DIR_VARIABLE as DBT_PROJECT_DIR_VARIABLE
 from include.dbt_project import docs_projects_setting, project_name
+from include.local_stack import celery
 from include.local_stack.postgres import free_port
 from include.local_stack.settings import SOURCE_CONN_ID, WAREHOUSE_CONN_ID, StackSettings
 

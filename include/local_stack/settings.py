@@ -17,8 +17,8 @@ from urllib.parse import quote
 import yaml
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from include.local_stack.celery import CeleryOptions, options_from_environment
 from include.dbt_project import dbt_project_dir
+from include.local_stack.celery import CeleryOptions, options_from_environment
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SETTINGS_FILE = PROJECT_ROOT / "airflow_settings.yaml"
