@@ -31,6 +31,7 @@ from include.copy_engine import (
     parse_config,
     sync_table,
 )
+from include.dbt_project import dbt_arguments
 from include.ingestion import asset_event_extra
 from include.local_stack.postgres import EmbeddedPostgres, free_port
 from tests.conftest import PostgresServer
@@ -389,9 +390,9 @@ def test_pipeline_health_shows_the_slots_wal_and_flags_it_past_the_limit(pg18_pa
         report.slot_retained_wal_bytes, report.slot_lag_bytes, False)
     over = subprocess.run(
         [str(DBT), "build", "--select", "pipeline_health", "--vars", "{cdc_slot_wal_alert_bytes: 0}",
-         "--project-dir", str(DBT_PROJECT), "--profiles-dir", str(DBT_PROJECT),
+         *dbt_arguments(DBT_PROJECT, tmp_path / "profiles"),
          "--target-path", str(tmp_path / "target"), "--log-path", str(tmp_path / "logs")],
-        env=dbt_env(pair.target), capture_output=True, text=True, cwd=tmp_path, check=False)
+        env=dbt_env(pair.target, tmp_path), capture_output=True, text=True, cwd=tmp_path, check=False)
     assert over.returncode != 0 and "is_slot_wal_over_limit" in over.stdout, over.stdout[-3000:]
 
 
