@@ -181,8 +181,8 @@ def critical_path(rows: list[dict]) -> list[dict]:
     """The chain of tasks that ended last, each step's upstream the one it waited for."""
     by_id = {row["task_id"]: row for row in rows}
     path = [max(rows, key=lambda row: row["ended"] or 0.0)]
-    while path[-1]["upstream"]:
-        path.append(max((by_id[u] for u in path[-1]["upstream"] if u in by_id), key=lambda row: row["ended"] or 0.0))
+    while upstream := [by_id[u] for u in path[-1]["upstream"] if u in by_id]:
+        path.append(max(upstream, key=lambda row: row["ended"] or 0.0))
     return path[::-1]
 
 

@@ -401,5 +401,12 @@ def wait_for_new_run(
 
 
 def task_instances(client: AirflowClient, dag_id: str, run_id: str) -> Iterator[dict[str, Any]]:
-    path = f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances?limit=1000"
-    yield from client.get(path)["task_instances"]
+    # Page through: the api-server caps a page at `[api] maximum_page_limit` (100 by default).
+    path = f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances"
+    offset = 0
+    while True:
+        page = client.get(f"{path}?limit=100&offset={offset}")
+        yield from page["task_instances"]
+        offset += len(page["task_instances"])
+        if not page["task_instances"] or offset >= page["total_entries"]:
+            return
