@@ -267,11 +267,17 @@ def main() -> None:
     parser.add_argument("--projects", default="demo,10,50,200")
     parser.add_argument("--idle-sleeps", default="",
                         help="also run the demo with these [scheduler] scheduler_idle_sleep_time values, e.g. 1,0.2")
+    parser.add_argument("--watcher-tasks", default="triggerer",
+                        help="where watcher node tasks wait (DBT_WATCHER_TASKS), e.g. triggerer,worker")
     args = parser.parse_args()
     modes = args.modes.split(",")
+    places = args.watcher_tasks.split(",")
     variants = [("demo", mode, behavior) for mode in modes for behavior in args.test_behaviors.split(",")
                 if not (mode == "watcher" and behavior == "build")]  # fmt: skip
     variants += [(size, "watcher", "after_each") for size in args.projects.split(",") if size != "demo"]
+    # A watcher variant once per place its node tasks wait in: "watcher/triggerer", "watcher/worker".
+    variants = [(size, f"{mode}/{place}" if mode == "watcher" else mode, behavior)
+                for size, mode, behavior in variants for place in (places if mode == "watcher" else places[:1])]
     if "demo" not in args.projects.split(","):
         variants = [v for v in variants if v[0] != "demo"]
     sleeps = filter(None, args.idle_sleeps.split(","))
@@ -300,7 +306,9 @@ def main() -> None:
             for variant in variants:
                 size, mode, behavior = variant
                 behavior, _, idle_sleep = behavior.partition(" / idle sleep ")
+                mode, _, place = mode.partition("/")
                 env = {"DBT_EXECUTION_MODE": mode, "DBT_TEST_BEHAVIOR": behavior, "DBT_EXECUTABLE": dbt_executable,
+                       "DBT_WATCHER_TASKS": place or places[0],
                        "DBT_PROJECT_DIR": str(projects[size]),
                        "AIRFLOW__COSMOS__CACHE_DIR": str(base.data_dir / f"cosmos_cache_{size}")}  # fmt: skip
                 if idle_sleep:
@@ -330,11 +338,12 @@ def main() -> None:
         print(f"| {name} | {dag_wall:.1f} s | {plain:.1f} s | {dag_wall - plain:.1f} s | {dag_wall / plain:.2f}x "
               f"| {median_step.get('producer', 0):.1f} s | {median_step.get('after_producer', 0):.1f} s "
               f"| {median_step.get('parse_median', 0):.2f} s |")  # fmt: skip
-    sizes = sorted((int(v[0]), overheads[v]) for v in variants if v[0] != "demo")
-    if len(sizes) >= 2:
-        (small, small_overhead), (large, large_overhead) = sizes[0], sizes[-1]
-        print(f"\noverhead per added model ({small} -> {large} models): "
-              f"{(large_overhead - small_overhead) / (large - small):.3f} s")  # fmt: skip
+    for mode in sorted({v[1] for v in variants if v[0] != "demo"}):
+        sizes = sorted((int(v[0]), overheads[v]) for v in variants if v[0] != "demo" and v[1] == mode)
+        if len(sizes) >= 2:
+            (small, small_overhead), (large, large_overhead) = sizes[0], sizes[-1]
+            print(f"\n{mode}: overhead per added model ({small} -> {large} models): "
+                  f"{(large_overhead - small_overhead) / (large - small):.3f} s")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -25,10 +25,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from airflow.triggers.base import StartTriggerArgs
 from cosmos import DbtTaskGroup, ExecutionConfig, ProfileConfig, ProjectConfig, RenderConfig
 from cosmos import settings as cosmos_settings
 from cosmos.constants import ExecutionMode, InvocationMode, LoadMode, SourceRenderingBehavior, TestBehavior
 from cosmos.dbt.selector import select_nodes
+from cosmos.operators._watcher.base import BaseConsumerSensor
 from cosmos.operators.local import DbtDocsLocalOperator
 from cosmos.profiles import BaseProfileMapping
 
@@ -42,6 +44,8 @@ from include.dbt_project import (
     manifest_path,
     profile_output,
 )
+from include.dbt_watcher import DBT_SUCCESS_STATUSES, dbt_result_line, emit_built_assets
+from include.dbt_watcher import TRIGGER_CLASS as WATCHER_TRIGGER_CLASS
 from include.pipeline import WAREHOUSE_CONN_ID, database_dsn
 
 DBT_PROJECT_DIR = dbt_project_dir()
@@ -211,9 +215,15 @@ if DBT_TEST_BEHAVIOR == "build" and DBT_EXECUTION_MODE == "watcher":
         "producer already runs the whole project as one `dbt build`"
     )
 
-# Each node's sensor asks for its node's result every second, in the process it started in: the
-# default (every 10 s, deferred to the triggerer and resumed in a second process) adds seconds to
-# every step of the chain.
+# Each node's task asks for its node's result every second (Cosmos' default, every 10 s, adds
+# seconds to every step of the chain). DBT_WATCHER_TASKS says where that waiting happens:
+# `triggerer` (default): the task starts as a trigger in the one triggerer process and resumes in a
+# worker only to emit an Asset, to fail (and alert) or to rerun its node (include/dbt_watcher.py);
+# `worker`: each task is a worker process that polls until its node is done.
+WATCHER_TASK_PLACES = ("triggerer", "worker")
+DBT_WATCHER_TASKS = os.environ.get("DBT_WATCHER_TASKS", "triggerer")
+if DBT_WATCHER_TASKS not in WATCHER_TASK_PLACES:
+    raise ValueError(f"DBT_WATCHER_TASKS={DBT_WATCHER_TASKS!r}: choose one of {', '.join(WATCHER_TASK_PLACES)}")
 WATCHER_SENSOR_ARGS = {"poke_interval": 1, "deferrable": False}
 
 
@@ -241,17 +251,20 @@ def _tests_of(unique_id: str) -> list[str]:
                   if node["resource_type"] == "test" and unique_id in node["depends_on"]["nodes"])  # fmt: skip
 
 
-DBT_SUCCESS_STATUSES = ("success", "pass", "warn")
+
+
+def _watched_nodes(task: Any) -> list[str]:
+    """The dbt nodes whose results a watcher task's log shows: a model's tests, or its own node."""
+    unique_id = task.model_unique_id
+    return _tests_of(unique_id) if getattr(task, "is_test_sensor", False) else [unique_id]
 
 
 def _log_dbt_results(context: Mapping[str, Any], succeeded: bool) -> None:
     task = context["task"]
-    unique_id = getattr(task, "model_unique_id", None)
     producer = getattr(task, "producer_task_id", None)
-    if not unique_id or not producer:
+    if not getattr(task, "model_unique_id", None) or not producer:
         return
-    watched = _tests_of(unique_id) if getattr(task, "is_test_sensor", False) else [unique_id]
-    for uid in watched:
+    for uid in _watched_nodes(task):
         event = context["ti"].xcom_pull(task_ids=producer, key=_xcom_key(uid, "dbt_event")) or {}
         status = event.get("status")
         if succeeded and status not in DBT_SUCCESS_STATUSES:
@@ -259,10 +272,52 @@ def _log_dbt_results(context: Mapping[str, Any], succeeded: bool) -> None:
             # node itself (a retry or a cleared task), and that run's output is in this log above.
             logger.info("dbt result of %s: run again in this task (the build's result was %s)", uid, status)
             continue
-        logger.info(
-            "dbt result of %s: %s, %s → %s: %s", uid, status or "no status reported",
-            event.get("start_time"), event.get("finish_time"), event.get("msg") or "",
-        )  # fmt: skip
+        logger.info("%s", dbt_result_line(uid, event))
+
+
+def start_in_triggerer(group: DbtTaskGroup) -> list[str]:
+    """Make every watcher node task of the group start as a trigger (include/dbt_watcher.py), and
+    add the task that emits the Asset events of what the build made, right after the producer.
+
+    Returns the ids of the node tasks changed. Only the arguments known when the DAG is parsed are
+    fixed here; the trigger reads its run from the task instance the triggerer hands it.
+    """
+    from airflow.providers.standard.operators.python import PythonOperator
+    from airflow.sdk import AssetAlias
+
+    changed, built_nodes, producer = [], [], None
+    for task in list(group.iter_tasks()):
+        if not isinstance(task, BaseConsumerSensor) or not task.model_unique_id:
+            continue
+        producer = group.dag.get_task(task.producer_task_id)
+        if not task.is_test_sensor:
+            built_nodes.append(task.model_unique_id)
+        task.start_from_trigger = True
+        task.start_trigger_args = StartTriggerArgs(
+            trigger_cls=WATCHER_TRIGGER_CLASS,
+            trigger_kwargs={
+                "model_unique_id": task.model_unique_id,
+                "producer_task_id": task.producer_task_id,
+                "poke_interval": float(task.poke_interval),
+                "is_test_sensor": task.is_test_sensor,
+                "watched": _watched_nodes(task),
+            },
+            next_method="execute_complete",
+            next_kwargs=None,
+            timeout=task.execution_timeout,
+        )
+        changed.append(task.task_id)
+    if producer is not None:
+        alias = f"{group.dag.dag_id}__{group.group_id}__built_assets"
+        producer >> PythonOperator(
+            task_id="emit_built_assets",
+            task_group=group,
+            python_callable=emit_built_assets,
+            op_kwargs={"alias": alias, "producer_task_id": producer.task_id, "unique_ids": sorted(built_nodes)},
+            outlets=[AssetAlias(alias)],
+            trigger_rule="all_done",  # a failed node fails the build; the nodes it made still get their event
+        )
+    return changed
 
 
 def log_dbt_result(context: Mapping[str, Any], *_: Any) -> None:
@@ -346,6 +401,8 @@ def transform_task_group(group_id: str = "dbt", select: list[str] | None = None)
             "fix the selector (DBT_SELECT, dbt's syntax as Cosmos reads it: `source:<source>.<table>`) "
             "or run `make manifest` after changing dbt/"
         )
+    if DBT_EXECUTION_MODE == "watcher" and DBT_WATCHER_TASKS == "triggerer":
+        start_in_triggerer(group)
     return group
 
 
