@@ -218,13 +218,15 @@ if DBT_TEST_BEHAVIOR == "build" and DBT_EXECUTION_MODE == "watcher":
 # Each node's task asks for its node's result every second (Cosmos' default, every 10 s, adds
 # seconds to every step of the chain). DBT_WATCHER_TASKS says where that waiting happens:
 # `triggerer` (default): the task starts as a trigger in the one triggerer process and resumes in a
-# worker only to emit an Asset, to fail (and alert) or to rerun its node (include/dbt_watcher.py);
+# worker only to fail (and alert) or to rerun its node (include/dbt_watcher.py);
+# `deferred`: the task starts in a worker, which finishes it when its node is done already and else
+# defers it to the triggerer, to resume in a worker when the node is done (Cosmos' own deferral);
 # `worker`: each task is a worker process that polls until its node is done.
-WATCHER_TASK_PLACES = ("triggerer", "worker")
+WATCHER_TASK_PLACES = ("triggerer", "deferred", "worker")
 DBT_WATCHER_TASKS = os.environ.get("DBT_WATCHER_TASKS", "triggerer")
 if DBT_WATCHER_TASKS not in WATCHER_TASK_PLACES:
     raise ValueError(f"DBT_WATCHER_TASKS={DBT_WATCHER_TASKS!r}: choose one of {', '.join(WATCHER_TASK_PLACES)}")
-WATCHER_SENSOR_ARGS = {"poke_interval": 1, "deferrable": False}
+WATCHER_SENSOR_ARGS = {"poke_interval": 1, "deferrable": DBT_WATCHER_TASKS == "deferred"}
 
 
 def render_config() -> RenderConfig:

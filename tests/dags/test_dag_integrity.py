@@ -166,7 +166,7 @@ def _manifest() -> dict:
 def test_transform_renders_every_dbt_node_once_in_one_group_by_folder_after_its_upstream(dag_bag):
     """Generated from the manifest: every snapshot, seed and model is one task, in the task group of its
     folder, downstream of the tasks of the nodes it reads; each model's tests are a task right after it."""
-    from include.dbt_config import DBT_EXECUTION_MODE
+    from include.dbt_config import DBT_EXECUTION_MODE, DBT_WATCHER_TASKS
 
     dag = dag_bag.dags["transform_dbt"]
     nodes = {uid: node for uid, node in _manifest()["nodes"].items()
@@ -195,7 +195,7 @@ def test_transform_renders_every_dbt_node_once_in_one_group_by_folder_after_its_
         producers = [t for t in dag.task_ids if t.endswith("dbt_producer_watcher")]
         assert producers == ["dbt.dbt_producer_watcher"], "one dbt build for the whole project"
         sensor = dag.get_task(task_of[next(iter(nodes))])
-        assert (sensor.poke_interval, sensor.deferrable) == (1, False)
+        assert (sensor.poke_interval, sensor.deferrable) == (1, DBT_WATCHER_TASKS == "deferred")
 
 
 def test_watcher_node_tasks_start_in_the_triggerer_and_one_task_emits_the_built_assets(dag_bag):
