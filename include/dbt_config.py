@@ -25,7 +25,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from airflow.triggers.base import StartTriggerArgs
 from cosmos import DbtTaskGroup, ExecutionConfig, ProfileConfig, ProjectConfig, RenderConfig
 from cosmos import settings as cosmos_settings
 from cosmos.constants import ExecutionMode, InvocationMode, LoadMode, SourceRenderingBehavior, TestBehavior
@@ -44,8 +43,12 @@ from include.dbt_project import (
     manifest_path,
     profile_output,
 )
-from include.dbt_watcher import DBT_SUCCESS_STATUSES, dbt_result_line, emit_built_assets
-from include.dbt_watcher import TRIGGER_CLASS as WATCHER_TRIGGER_CLASS
+from include.dbt_watcher import (
+    DBT_SUCCESS_STATUSES,
+    dbt_result_line,
+    defer_to_node_result_trigger,
+    emit_built_assets,
+)
 from include.pipeline import WAREHOUSE_CONN_ID, database_dsn
 
 DBT_PROJECT_DIR = dbt_project_dir()
@@ -216,17 +219,15 @@ if DBT_TEST_BEHAVIOR == "build" and DBT_EXECUTION_MODE == "watcher":
     )
 
 # Each node's task asks for its node's result every second (Cosmos' default, every 10 s, adds
-# seconds to every step of the chain). DBT_WATCHER_TASKS says where that waiting happens:
-# `triggerer` (default): the task starts as a trigger in the one triggerer process and resumes in a
-# worker only to fail (and alert) or to rerun its node (include/dbt_watcher.py);
-# `deferred`: the task starts in a worker, which finishes it when its node is done already and else
-# defers it to the triggerer, to resume in a worker when the node is done (Cosmos' own deferral);
-# `worker`: each task is a worker process that polls until its node is done.
-WATCHER_TASK_PLACES = ("triggerer", "deferred", "worker")
+# seconds to every step of the chain). DBT_WATCHER_TASKS says where a task waits for a node the
+# build has not reached yet: `triggerer` (default): deferred to the one triggerer process, which
+# ends the task there when the node succeeded (include/dbt_watcher.py); `worker`: in its own worker
+# process, polling. The README has the measurements.
+WATCHER_TASK_PLACES = ("triggerer", "worker")
 DBT_WATCHER_TASKS = os.environ.get("DBT_WATCHER_TASKS", "triggerer")
 if DBT_WATCHER_TASKS not in WATCHER_TASK_PLACES:
     raise ValueError(f"DBT_WATCHER_TASKS={DBT_WATCHER_TASKS!r}: choose one of {', '.join(WATCHER_TASK_PLACES)}")
-WATCHER_SENSOR_ARGS = {"poke_interval": 1, "deferrable": DBT_WATCHER_TASKS == "deferred"}
+WATCHER_SENSOR_ARGS = {"poke_interval": 1, "deferrable": DBT_WATCHER_TASKS == "triggerer"}
 
 
 def render_config() -> RenderConfig:
@@ -277,12 +278,11 @@ def _log_dbt_results(context: Mapping[str, Any], succeeded: bool) -> None:
         logger.info("%s", dbt_result_line(uid, event))
 
 
-def start_in_triggerer(group: DbtTaskGroup) -> list[str]:
-    """Make every watcher node task of the group start as a trigger (include/dbt_watcher.py), and
-    add the task that emits the Asset events of what the build made, right after the producer.
+def wait_in_triggerer(group: DbtTaskGroup) -> list[str]:
+    """Make every watcher node task of the group wait in the triggerer (include/dbt_watcher.py),
+    and add the task that emits the Asset events of what the build made, right after the producer.
 
-    Returns the ids of the node tasks changed. Only the arguments known when the DAG is parsed are
-    fixed here; the trigger reads its run from the task instance the triggerer hands it.
+    Returns the ids of the node tasks changed.
     """
     from airflow.providers.standard.operators.python import PythonOperator
     from airflow.sdk import AssetAlias
@@ -294,20 +294,8 @@ def start_in_triggerer(group: DbtTaskGroup) -> list[str]:
         producer = group.dag.get_task(task.producer_task_id)
         if not task.is_test_sensor:
             built_nodes.append(task.model_unique_id)
-        task.start_from_trigger = True
-        task.start_trigger_args = StartTriggerArgs(
-            trigger_cls=WATCHER_TRIGGER_CLASS,
-            trigger_kwargs={
-                "model_unique_id": task.model_unique_id,
-                "producer_task_id": task.producer_task_id,
-                "poke_interval": float(task.poke_interval),
-                "is_test_sensor": task.is_test_sensor,
-                "watched": _watched_nodes(task),
-            },
-            next_method="execute_complete",
-            next_kwargs=None,
-            timeout=task.execution_timeout,
-        )
+        defer_to_node_result_trigger(task, _watched_nodes(task))
+        task.emit_datasets = False  # a task ended in the triggerer emits nothing: emit_built_assets does
         changed.append(task.task_id)
     if producer is not None:
         alias = f"{group.dag.dag_id}__{group.group_id}__built_assets"
@@ -404,7 +392,7 @@ def transform_task_group(group_id: str = "dbt", select: list[str] | None = None)
             "or run `make manifest` after changing dbt/"
         )
     if DBT_EXECUTION_MODE == "watcher" and DBT_WATCHER_TASKS == "triggerer":
-        start_in_triggerer(group)
+        wait_in_triggerer(group)
     return group
 
 

@@ -1,24 +1,28 @@
-"""Watcher-mode node tasks that start in the triggerer, and end there when no worker is needed.
+"""Watcher-mode node tasks that wait in the triggerer, and end there when no worker is needed.
 
 In Cosmos' watcher mode one producer task runs `dbt build`; every other dbt task only waits for
-its node's result. Run as a sensor, each of those tasks is a worker process that starts, parses its
-DAG and asks for its result every second: on two cores, a few dozen of them slowed the producer's
-own `dbt build` two- to four-fold (the README's measurements). Here each node's task starts as a
-trigger instead (Airflow's `start_from_trigger`): the one triggerer process waits for all of them.
+its node's result. As a polling sensor, each of those tasks is a worker process asking for its
+result every second for as long as the build runs: on two cores, a few dozen of them slowed the
+producer's own build two- to four-fold (the README's measurements).
 
-A node whose result is a success (or a skip) ends right there in the triggerer, its dbt result
-written to its task log: no worker process at all. Every other outcome resumes the task in a worker,
-where Cosmos' sensor does what it always does: raise (naming the node) on a failure and so run the
-failure callbacks (the alert), or, on a retry or a cleared task, run dbt for that node alone.
+Here a node's task starts in a worker, which ends it at once when its node is done already (the
+usual case once the build is ahead of the graph's tasks); else it defers to the triggerer, where
+`NodeResultTrigger` waits. A success (or a skip) then ends the task right in the triggerer, its dbt
+result and compiled SQL written to its task log: no second worker process. A failure resumes the
+task in a worker, where Cosmos' sensor raises (naming the node) and so runs the failure callbacks
+(the alert); a retry or a cleared task starts in a worker again and runs dbt for that node alone.
 
-The Asset event of each model the build made, which Cosmos' sensor would emit from its worker, is
-emitted by one task of the group as soon as the build ends (`emit_built_assets`).
+All triggers of a triggerer share one pace (`POLLS_PER_SECOND`) and one read of each producer's
+state per second: with hundreds of nodes waiting, their polls would otherwise take the api-server's
+CPU from the build they wait for. The Asset event of each node the build made is emitted by one
+task of the group as soon as the build ends (`emit_built_assets`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -26,9 +30,12 @@ from airflow.sdk import Asset, AssetAlias
 from airflow.triggers.base import TaskSkippedEvent, TaskSuccessEvent, TriggerEvent
 from cosmos.listeners.dag_run_listener import EventStatus
 from cosmos.operators._watcher.state import (
-    PRODUCER_FINAL_STATES,
+    ProducerTaskState,
+    get_compiled_sql_xcom_key,
     get_dbt_event_xcom_key,
     get_status_xcom_key,
+    is_dbt_node_status_failed,
+    is_dbt_node_status_skipped,
     is_dbt_node_status_success,
 )
 from cosmos.operators._watcher.triggerer import WatcherEventReason, WatcherTrigger
@@ -37,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 TRIGGER_CLASS = f"{__name__}.NodeResultTrigger"
 DBT_SUCCESS_STATUSES = ("success", "pass", "warn")
+POLLS_PER_SECOND = 20  # node-result reads per second, all triggers of this triggerer process together
 
 
 def dbt_result_line(unique_id: str, event: Mapping[str, Any] | None) -> str:
@@ -46,62 +54,109 @@ def dbt_result_line(unique_id: str, event: Mapping[str, Any] | None) -> str:
             f"{event.get('start_time')} → {event.get('finish_time')}: {event.get('msg') or ''}")  # fmt: skip
 
 
-class NodeResultTrigger(WatcherTrigger):
-    """Cosmos' WatcherTrigger, started by the scheduler rather than by a worker.
+class _Pace:
+    """At most `per_second` reads per second, shared by every coroutine that awaits `turn()`."""
 
-    The run it belongs to (run id, try number) is read from the task instance the triggerer gives
-    it, so the task's start_trigger_args hold only what is known when the DAG is parsed.
+    def __init__(self, per_second: float) -> None:
+        self.interval = 1.0 / per_second
+        self.next_slot = 0.0
+
+    async def turn(self) -> None:
+        now = time.monotonic()
+        slot = max(now, self.next_slot)
+        self.next_slot = slot + self.interval
+        if slot > now:
+            await asyncio.sleep(slot - now)
+
+
+_pace = _Pace(POLLS_PER_SECOND)
+_producer_states: dict[tuple[str, str, str], tuple[float, str | None]] = {}
+
+
+class NodeResultTrigger(WatcherTrigger):
+    """Cosmos' WatcherTrigger, paced, ending the task itself when its node succeeded or was skipped.
+
     `watched` names the dbt nodes whose results the task log shows (a model's tests, or the node).
     """
 
-    def __init__(self, *, watched: list[str] | None = None, run_id: str = "", map_index: int | None = -1,
-                 dag_id: str = "", **kwargs: Any) -> None:  # fmt: skip
-        super().__init__(run_id=run_id, map_index=map_index, dag_id=dag_id, **kwargs)
+    def __init__(self, *, watched: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.watched = list(watched or [self.model_unique_id])
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         _, kwargs = super().serialize()
         return TRIGGER_CLASS, {**kwargs, "watched": self.watched}
 
-    def _take_run_from_task_instance(self) -> int:
-        ti = self.task_instance
-        if ti is None:
-            return 1
-        self.run_id = self.run_id or ti.run_id
-        self.dag_id = self.dag_id or ti.dag_id
-        self.map_index = ti.map_index
-        return int(getattr(ti, "try_number", 1) or 1)
+    async def _producer_state(self) -> str | None:
+        """The producer's state, read at most once per poke interval for all triggers of its run."""
+        key = (self.dag_id, self.run_id, self.producer_task_id)
+        read_at, state = _producer_states.get(key, (0.0, None))
+        if time.monotonic() - read_at >= self.poke_interval:
+            state = await self._get_producer_task_status()
+            _producer_states[key] = (time.monotonic(), state)
+        return state
+
+    async def _node_status(self) -> str | None:
+        await _pace.turn()
+        if self.is_test_sensor:
+            from cosmos.operators._watcher.aggregation import get_tests_status_xcom_key
+
+            return await self.get_xcom_val(get_tests_status_xcom_key(self.model_unique_id))
+        return await self._get_node_status()
 
     async def _log_results(self) -> None:
         for unique_id in self.watched:
             logger.info("%s", dbt_result_line(unique_id, await self.get_xcom_val(get_dbt_event_xcom_key(unique_id))))
-
-    async def _wait_for_producer(self) -> None:
-        while await self._get_producer_task_status() not in PRODUCER_FINAL_STATES:
-            await asyncio.sleep(self.poke_interval)
+        if not self.is_test_sensor:
+            compiled_sql = await self.get_xcom_val(get_compiled_sql_xcom_key(self.model_unique_id))
+            if compiled_sql:
+                logger.info("compiled SQL of %s:\n%s", self.model_unique_id, compiled_sql)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        try_number = self._take_run_from_task_instance()
-        if try_number > 1:
-            # A retry or a cleared task: once the build is over, the worker runs dbt for this node alone.
-            await self._wait_for_producer()
-            logger.info("try %s of %s: the worker runs dbt for this node alone", try_number, self.model_unique_id)
-            result = await self.get_xcom_val(get_status_xcom_key(self.model_unique_id)) or {}
-            yield TriggerEvent({"status": EventStatus.FAILED, "reason": WatcherEventReason.PRODUCER_SKIPPED,
-                                "outlet_uris": result.get("outlet_uris") or []})  # fmt: skip
-            return
-        async for event in super().run():
-            payload = event.payload if isinstance(event.payload, dict) else {}
-            status = payload.get("status")
-            if status == EventStatus.SUCCESS:
+        logger.info("waiting for the dbt result of %s from %s", self.model_unique_id, self.producer_task_id)
+        while True:
+            status = await self._node_status()
+            if is_dbt_node_status_success(status):
                 await self._log_results()
                 yield TaskSuccessEvent()
-            elif status == EventStatus.SKIPPED:
+                return
+            if is_dbt_node_status_skipped(status):
                 await self._log_results()
                 yield TaskSkippedEvent()
-            else:
-                yield event  # a failure to raise and alert on: the worker's part
-            return
+                return
+            if is_dbt_node_status_failed(status):
+                # The worker raises, naming the node, and runs the failure callbacks (the alert).
+                yield TriggerEvent({"status": EventStatus.FAILED, "reason": WatcherEventReason.NODE_FAILED})
+                return
+            producer = await self._producer_state()
+            if producer == ProducerTaskState.FAILED:
+                yield TriggerEvent({"status": EventStatus.FAILED, "reason": WatcherEventReason.PRODUCER_FAILED})
+                return
+            if producer == ProducerTaskState.SKIPPED:
+                yield TriggerEvent({"status": EventStatus.FAILED, "reason": WatcherEventReason.PRODUCER_SKIPPED})
+                return
+            if producer == ProducerTaskState.SUCCESS and await self._node_status() is None:
+                logger.info("the build finished without running %s (an ephemeral or empty model)", self.model_unique_id)
+                yield TaskSuccessEvent()
+                return
+            await asyncio.sleep(self.poke_interval)
+
+
+def defer_to_node_result_trigger(task: Any, watched: list[str]) -> None:
+    """Make a Cosmos watcher sensor defer to NodeResultTrigger instead of Cosmos' WatcherTrigger.
+
+    Cosmos builds its trigger inside the sensor's `execute`; this wraps the task's `defer` to swap
+    it for ours, with the same arguments and the nodes whose results the log should show.
+    """
+    cosmos_defer = task.defer
+
+    def defer(*, trigger: Any, method_name: str, kwargs: dict[str, Any] | None = None, timeout: Any = None) -> None:
+        if type(trigger) is WatcherTrigger:
+            _, arguments = trigger.serialize()
+            trigger = NodeResultTrigger(**arguments, watched=watched)
+        cosmos_defer(trigger=trigger, method_name=method_name, kwargs=kwargs, timeout=timeout)
+
+    task.defer = defer
 
 
 def emit_built_assets(alias: str, producer_task_id: str, unique_ids: list[str], **context: Any) -> list[str]:

@@ -195,40 +195,41 @@ def test_transform_renders_every_dbt_node_once_in_one_group_by_folder_after_its_
         producers = [t for t in dag.task_ids if t.endswith("dbt_producer_watcher")]
         assert producers == ["dbt.dbt_producer_watcher"], "one dbt build for the whole project"
         sensor = dag.get_task(task_of[next(iter(nodes))])
-        assert (sensor.poke_interval, sensor.deferrable) == (1, DBT_WATCHER_TASKS == "deferred")
+        assert (sensor.poke_interval, sensor.deferrable) == (1, DBT_WATCHER_TASKS == "triggerer")
 
 
-def test_watcher_node_tasks_start_in_the_triggerer_and_one_task_emits_the_built_assets(dag_bag):
-    """Generated from the manifest: every node task of the watcher group starts as a trigger that
-    watches its own node (a model's tests: each of its tests), and survives the DAG's serialization
-    as the scheduler reads it; one task after the producer emits the Asset of every built node."""
-    from airflow.serialization.serialized_objects import BaseSerialization, DagSerialization
+def test_watcher_node_tasks_wait_in_the_triggerer_and_one_task_emits_the_built_assets(dag_bag):
+    """Generated from the manifest: every node task of the watcher group defers to our trigger, built
+    from the very arguments Cosmos gives its own, watching its node (a model's tests: each of its
+    tests); one task after the producer emits the Asset of every built node, and no node task does."""
+    from airflow.sdk.exceptions import TaskDeferred
+    from cosmos.operators._watcher.triggerer import WatcherTrigger
 
     from include.dbt_config import DBT_EXECUTION_MODE, DBT_WATCHER_TASKS
-    from include.dbt_watcher import TRIGGER_CLASS, NodeResultTrigger
+    from include.dbt_watcher import TRIGGER_CLASS
 
     if (DBT_EXECUTION_MODE, DBT_WATCHER_TASKS) != ("watcher", "triggerer"):
-        pytest.skip("the node tasks start in the triggerer only in the default watcher mode")
+        pytest.skip("the node tasks wait in the triggerer only in the default watcher mode")
     dag = dag_bag.dags["transform_dbt"]
-    serialized = DagSerialization.from_dict(DagSerialization.to_dict(dag))
     nodes = _manifest()["nodes"]
     node_tasks = [t for t in dag.tasks if getattr(t, "model_unique_id", None)]
     assert len(node_tasks) >= len([n for n in nodes.values() if n["resource_type"] in ("model", "snapshot", "seed")])
     for task in node_tasks:
-        args = serialized.get_task(task.task_id).start_trigger_args
-        assert serialized.get_task(task.task_id).start_from_trigger is True, task.task_id
-        assert (args.trigger_cls, args.next_method) == (TRIGGER_CLASS, "execute_complete")
-        kwargs = BaseSerialization.deserialize(args.trigger_kwargs)  # as the scheduler hands them on
-        assert kwargs["model_unique_id"] == task.model_unique_id
-        assert kwargs["producer_task_id"] == "dbt.dbt_producer_watcher"
+        assert (task.deferrable, task.poke_interval, task.emit_datasets) == (True, 1, False), task.task_id
+        cosmos_trigger = WatcherTrigger(model_unique_id=task.model_unique_id, producer_task_id=task.producer_task_id,
+                                        dag_id=dag.dag_id, run_id="a_run", map_index=-1, poke_interval=1,
+                                        is_test_sensor=task.is_test_sensor)  # fmt: skip
+        with pytest.raises(TaskDeferred) as deferred:
+            task.defer(trigger=cosmos_trigger, method_name="execute_complete")
+        trigger_class, kwargs = deferred.value.trigger.serialize()
+        assert trigger_class == TRIGGER_CLASS
+        assert {k: v for k, v in kwargs.items() if k != "watched"} == cosmos_trigger.serialize()[1]
         if task.task_id.endswith(".test"):
             tests = sorted(uid for uid, n in nodes.items()
                            if n["resource_type"] == "test" and task.model_unique_id in n["depends_on"]["nodes"])
             assert kwargs["watched"] == tests and tests, task.task_id
         else:
             assert kwargs["watched"] == [task.model_unique_id]
-        trigger_class, trigger_kwargs = NodeResultTrigger(**kwargs).serialize()
-        assert (trigger_class, trigger_kwargs["watched"]) == (TRIGGER_CLASS, kwargs["watched"])
     emitter = dag.get_task("dbt.emit_built_assets")
     assert emitter.upstream_task_ids == {"dbt.dbt_producer_watcher"}
     assert emitter.trigger_rule == "all_done"
