@@ -21,6 +21,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "include" / "config"
 SETTINGS_FILE = PROJECT_ROOT / "airflow_settings.yaml"
 ENVIRONMENT_VARIABLE = "PIPELINE_ENVIRONMENT"
+# The first retry's delay (doubled for each next one, up to the DAG's max_retry_delay). The e2e
+# tests shorten it: they wait for failed tasks' retries, which prove nothing about the delay.
+RETRY_DELAY_VARIABLE = "PIPELINE_RETRY_DELAY_S"
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +78,18 @@ def warehouse_location() -> tuple[str, int, str]:
     return conn["conn_host"], int(conn["conn_port"]), conn["conn_schema"]
 
 
+def retry_delay() -> timedelta:
+    """30 s, or PIPELINE_RETRY_DELAY_S seconds."""
+    value = os.environ.get(RETRY_DELAY_VARIABLE, "30")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1
+    if seconds <= 0:
+        raise ValueError(f"{RETRY_DELAY_VARIABLE}={value!r}: give the first retry's delay in seconds (default 30)")
+    return timedelta(seconds=seconds)
+
+
 def task_defaults(owner: str, *, retries: int, max_retry_delay: timedelta) -> dict[str, Any]:
     """The DAGs' shared task policy: retries with exponential backoff, and alerts on failure."""
     from include.alerts import failure_callbacks
@@ -82,7 +97,7 @@ def task_defaults(owner: str, *, retries: int, max_retry_delay: timedelta) -> di
     return {
         "owner": owner,
         "retries": retries,
-        "retry_delay": timedelta(seconds=30),
+        "retry_delay": retry_delay(),
         "retry_exponential_backoff": True,
         "max_retry_delay": max_retry_delay,
         "on_failure_callback": failure_callbacks(),

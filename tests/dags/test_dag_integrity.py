@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from datetime import UTC
+from datetime import UTC, timedelta
 from pathlib import Path
 
 import pytest
@@ -57,6 +57,18 @@ def _states_the_basics(dag):
     assert dag.start_date.tzinfo is not None and dag.start_date.utcoffset() == UTC.utcoffset(None)
     for task in dag.tasks:
         assert task.retries >= 2, f"{dag_id}.{task.task_id} retries only {task.retries} times"
+        assert task.retry_delay == timedelta(seconds=30) and task.retry_exponential_backoff, task.task_id
+
+
+def test_the_first_retry_delay_is_a_setting_and_a_bad_value_names_it(monkeypatch):
+    from include.pipeline import retry_delay
+
+    monkeypatch.setenv("PIPELINE_RETRY_DELAY_S", "2")
+    assert retry_delay() == timedelta(seconds=2)
+    for bad in ("0", "soon"):
+        monkeypatch.setenv("PIPELINE_RETRY_DELAY_S", bad)
+        with pytest.raises(ValueError, match=f"PIPELINE_RETRY_DELAY_S='{bad}': give the first retry's delay"):
+            retry_delay()
 
 
 def test_ingestion_maps_one_task_per_configured_table(dag_bag):

@@ -18,6 +18,9 @@ from tests.loopback import WebhookServer, serve_webhook, slack_connection
 # Small enough for CI, large enough that every event type and action flag occurs.
 E2E_SECURITIES = 400
 E2E_EVENTS = 4_000
+# Failed tasks are retried after 2 s instead of 30 s: the scenarios wait for retries (a failing dbt
+# test is tried three times, a killed worker's range once more) and prove nothing about the delay.
+FAST_RETRIES = {"PIPELINE_RETRY_DELAY_S": "2"}
 
 
 @dataclass
@@ -37,7 +40,7 @@ def start_stack(data_dir, warehouse_url: str | None, extra_env: dict[str, str], 
         **settings_args,
         demo_securities=E2E_SECURITIES,
         demo_events=E2E_EVENTS,
-        extra_env=extra_env,
+        extra_env={**FAST_RETRIES, **extra_env},
     )
     try:
         client = runner.up(settings)

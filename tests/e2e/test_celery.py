@@ -29,7 +29,7 @@ from include.local_stack.postgres import free_port
 from include.local_stack.settings import SOURCE_CONN_ID, WAREHOUSE_CONN_ID, StackSettings
 from tests.dbt.conftest import _state as warehouse_state
 from tests.dbt.test_marts import _check_marts
-from tests.e2e.conftest import E2E_EVENTS, E2E_SECURITIES, RunningStack
+from tests.e2e.conftest import E2E_EVENTS, E2E_SECURITIES, FAST_RETRIES, RunningStack
 from tests.e2e.test_pipeline_end_to_end import failure_report, raw_table_uri, table_digest, warehouse_rows
 
 pytestmark = pytest.mark.e2e
@@ -47,6 +47,7 @@ def celery_stack(server_dirs, name: str, workers: int, concurrency: int, extra_e
         # A dead worker's task is failed (and retried) 20 s after its last heartbeat.
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20",
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
+        **FAST_RETRIES,
         **extra_env,
     }
     settings = StackSettings(data_dir=server_dirs(f"stack-{name}"), postgres_port=free_port(), api_port=free_port(),
