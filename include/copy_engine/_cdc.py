@@ -488,11 +488,12 @@ def _apply_changes(run: TableRun, name: str, stored: str) -> None:
     logger.info("%s: %d change(s) in %d transaction(s) (%d already applied) up to %s: %d key(s) to write",
                 table.name, changes.messages, changes.transactions, changes.skipped_transactions, upto,
                 len(changes.rows))
+    generated = _generated_expressions(run) if any(column.generated for column in shape.columns) else {}
     run.tgt.rollback()
     with run.data_transaction():
         run.prepare_target(need_key=True)
         run.set_lock_timeout()
-        _write(run, changes)
+        _write(run, changes, generated)
         report.watermark_after = upto
         write_state(run.tgt, report, None, replication_slot=name)
         run.record_committed()
@@ -531,8 +532,49 @@ def _target_value(run: TableRun, key: tuple[str | None, ...], column: str) -> st
     return None if row[0] is None else str(row[0])
 
 
-def _write(run: TableRun, changes: Changes) -> None:
-    """Apply the coalesced changes: deletes, then updates of the rows the target has, then inserts."""
+def _generated_expressions(run: TableRun) -> dict[str, str]:
+    """The source's generated columns and their expressions: pgoutput sends none of their values."""
+    src = run.src
+    with src.transaction(force_rollback=True):
+        rows = src.execute(
+            "select a.attname, pg_get_expr(d.adbin, d.adrelid) from pg_attribute as a join pg_attrdef as d "
+            "on d.adrelid = a.attrelid and d.adnum = a.attnum where a.attrelid = %s::regclass "
+            "and a.attgenerated <> '' order by a.attnum", (run.names.base().as_string(src),)).fetchall()
+    return {str(name): str(expression) for name, expression in rows}
+
+
+def _compute_generated(run: TableRun, generated: dict[str, str], stage: sql.Composable,
+                       typed: Callable[[str], sql.Composable]) -> None:
+    """Set the generated columns of the inserted and updated rows by the source's expressions, which
+    read the row's other columns: the target holds them as plain columns."""
+    shape, key = run.shape, list(run.shape.primary_key)
+
+    def value(name: str) -> sql.Composable:
+        return sql.SQL("({})::{}").format(sql.SQL(generated[name]), sql.SQL(shape.column(name).type_sql))  # type: ignore[union-attr]
+
+    names = [name for name in generated if shape.column(name) is not None]
+    if not names:
+        return
+    try:
+        with run.tgt.transaction():  # a savepoint: a failing expression is named below
+            run.tgt.execute(sql.SQL("update {} set {} where ({}) in (select {} from {} as s where s._op = 'u') "
+                                    "and ({})").format(
+                run.names.target,
+                sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.Identifier(name), value(name)) for name in names),
+                column_list(key), sql.SQL(", ").join(typed(name) for name in key), stage,
+                sql.SQL(" or ").join(sql.SQL("{} is distinct from {}").format(sql.Identifier(name), value(name))
+                                     for name in names)))
+    except psycopg.Error as error:
+        raise TerminalError(
+            f"the generated column(s) {', '.join(names)} could not be computed in the warehouse by the source's "
+            f"expressions ({(str(error).splitlines() or [''])[0]}): create the functions they call in the "
+            "warehouse, or sync the table with mode full or incremental", table=run.table.name) from error
+
+
+def _write(run: TableRun, changes: Changes, generated: dict[str, str] | None = None) -> None:
+    """Apply the coalesced changes: deletes, then updates of the rows the target has, then inserts; then
+    the generated columns of the rows written."""
+    generated = generated or {}
     report, tgt, shape, plan = run.report, run.tgt, run.shape, run.plan
     target = run.names.target
     if changes.truncated:
@@ -552,7 +594,9 @@ def _write(run: TableRun, changes: Changes) -> None:
                     values[columns.index(name)] = row_key[position]
                 copy.write_row([*values, "d", ""])
             else:
-                keep = "".join("1" if value is KEEP else "0" for value in row)
+                # A generated column is never sent: not a kept value, it is computed after the rows are written.
+                keep = "".join("1" if value is KEEP and name not in generated else "0"
+                               for name, value in zip(columns, row, strict=True))
                 copy.write_row([*(None if value is KEEP else value for value in row), "u", keep])
     tgt.execute(sql.SQL("analyze {}").format(stage))
 
@@ -563,7 +607,7 @@ def _write(run: TableRun, changes: Changes) -> None:
     deleted = tgt.execute(sql.SQL("delete from {} as t using {} as s where s._op = 'd' and {}").format(
         target, stage, match))
     report.rows_deleted += max(deleted.rowcount, 0)
-    values = [name for name in columns if name not in key]
+    values = [name for name in columns if name not in key and name not in generated]
     kept = {name: sql.SQL("substr(s._keep, {}, 1) = '1'").format(sql.Literal(columns.index(name) + 1))
             for name in values}
     setters = [sql.SQL("{0} = case when {1} then t.{0} else {2} end").format(sql.Identifier(name), kept[name],
@@ -586,6 +630,8 @@ def _write(run: TableRun, changes: Changes) -> None:
     inserted = tgt.execute(sql.SQL("insert into {} ({}) select {} from {} as s where {}").format(
         target, column_list(columns), sql.SQL(", ").join(typed(name) for name in columns), stage, missing))
     report.rows_inserted += max(inserted.rowcount, 0)
+    if generated:
+        _compute_generated(run, generated, stage, typed)
 
 
 # --- removing what a table taken out of the configuration left on the source ---------------------
