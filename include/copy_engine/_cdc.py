@@ -133,9 +133,27 @@ def check_requirements(run: TableRun, name: str) -> None:
 
 # --- pgoutput -------------------------------------------------------------------------------------
 
+_COUNT = struct.Struct("!h").unpack_from
+_SIZE = struct.Struct("!i").unpack_from
+_TEXT, _NULL, _UNCHANGED, _NEW = ord("t"), ord("n"), ord("u"), ord("N")
+
+
 @dataclass
 class _Relation:
     columns: list[str]
+    # Per relation column: its position among the target's columns (None: the target lacks it).
+    targets: list[int | None] = field(default_factory=list)
+    # Per relation column up to the last key column: its position in the key (-1: not a key column).
+    key_slots: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Lazy:
+    """A row not decoded yet: a later change of its key would make decoding it wasted work."""
+
+    message: bytes
+    position: int
+    relation: _Relation
 
 
 @dataclass
@@ -154,6 +172,10 @@ class PgOutputDecoder:
 
     `lookup` fetches a column of the target's row for a key: an update that moves a row to a new
     key and leaves a TOASTed value unchanged carries no value for it.
+
+    A key changed many times in a batch costs one decode: an insert or update is first read only up
+    to its key and kept undecoded; a later change of the key replaces it unless that change leaves a
+    TOASTed value unchanged (then the two are decoded and merged). `result()` decodes what is left.
     """
 
     def __init__(self, columns: list[str], key: tuple[str, ...], skip_before: int,
@@ -169,6 +191,14 @@ class PgOutputDecoder:
         # pgoutput sends values converted to the decoding session's client encoding, as any result
         self.encoding = encoding
         self._skipping = False
+
+    def result(self) -> Changes:
+        """The coalesced changes, every row decoded."""
+        rows = self.changes.rows
+        for key, row in rows.items():
+            if isinstance(row, _Lazy):
+                rows[key] = self._tuple(row.message, row.position, row.relation)[0]
+        return self.changes
 
     def feed(self, message: bytes) -> None:
         kind = message[:1]
@@ -196,6 +226,9 @@ class PgOutputDecoder:
         relation = self.relations[struct.unpack_from("!I", message, 1)[0]]
         position = 5
         self.changes.messages += 1
+        if kind == b"I" or message[position] == _NEW:  # an insert, or an update that keeps its key
+            if self._defer(kind == b"I", message, position + 1, relation):
+                return
         if kind == b"I":
             position += 1  # 'N'
             row, _ = self._tuple(message, position, relation)
@@ -212,7 +245,7 @@ class PgOutputDecoder:
             new_key = self._key(row)
             if old is not None and self._key(old) != new_key:
                 old_key = self._key(old)
-                moved_from = self.changes.rows.get(old_key, KEEP)
+                moved_from = self._decoded(self.changes.rows.get(old_key, KEEP))
                 for column, value in enumerate(row):
                     if value is KEEP:
                         if isinstance(moved_from, list) and moved_from[column] is not KEEP:
@@ -223,12 +256,47 @@ class PgOutputDecoder:
                 self.changes.rows[old_key] = None
             self._put(row, merge=True)
 
+    def _defer(self, insert: bool, message: bytes, position: int, relation: _Relation) -> bool:
+        """Keep the row undecoded when that is exact: an insert, the first change of its key, or a
+        change that carries every value. False: decode it now."""
+        slots = relation.key_slots
+        count = _COUNT(message, position)[0]
+        at = position + 2
+        values: list[str | None] = [None] * len(self.key_positions)
+        for slot in slots:
+            kind = message[at]
+            if kind == _TEXT:
+                size = _SIZE(message, at + 1)[0]
+                if slot >= 0:
+                    values[slot] = message[at + 5:at + 5 + size].decode(self.encoding)
+                at += 5 + size
+            else:
+                if kind == _UNCHANGED and slot >= 0:
+                    return False  # a TOASTed key value: the full path handles it
+                at += 1
+        key = tuple(values)
+        rows = self.changes.rows
+        if not insert and rows.get(key) is not None:
+            for _ in range(count - len(slots)):  # an unchanged TOASTed value takes the earlier one's
+                kind = message[at]
+                if kind == _TEXT:
+                    at += 5 + _SIZE(message, at + 1)[0]
+                elif kind == _UNCHANGED:
+                    return False
+                else:
+                    at += 1
+        rows[key] = _Lazy(message, position, relation)  # type: ignore[assignment]
+        return True
+
+    def _decoded(self, row: Any) -> Any:
+        return self._tuple(row.message, row.position, row.relation)[0] if isinstance(row, _Lazy) else row
+
     def _key(self, row: list[Value]) -> tuple[str | None, ...]:
         return tuple(row[position] for position in self.key_positions)  # type: ignore[misc]
 
     def _put(self, row: list[Value], *, merge: bool) -> None:
         key = self._key(row)
-        earlier = self.changes.rows.get(key)
+        earlier = self._decoded(self.changes.rows.get(key))
         if merge and earlier is not None:
             row = [earlier[column] if value is KEEP else value for column, value in enumerate(row)]
         self.changes.rows[key] = row
@@ -247,28 +315,32 @@ class PgOutputDecoder:
             end = message.index(b"\0", position)
             columns.append(message[position:end].decode())
             position = end + 1 + 8  # type oid, typmod
-        self.relations[oid] = _Relation(columns)
+        targets = [self.index.get(column) for column in columns]
+        slots = [self.key_positions.index(target) if target in self.key_positions else -1 for target in targets]
+        while slots and slots[-1] < 0:
+            slots.pop()
+        self.relations[oid] = _Relation(columns, targets, slots)
 
     def _tuple(self, message: bytes, position: int, relation: _Relation) -> tuple[list[Value], int]:
         """A TupleData as the target's columns: columns the change lacks are KEEP (the target keeps them)."""
-        count = struct.unpack_from("!h", message, position)[0]
+        count = _COUNT(message, position)[0]
         position += 2
         row: list[Value] = [KEEP] * len(self.columns)
+        targets = relation.targets
+        encoding = self.encoding
         for column in range(count):
-            kind = message[position:position + 1]
-            position += 1
-            value: Value
-            if kind == b"n":
-                value = None
-            elif kind == b"u":
-                value = KEEP
+            kind = message[position]
+            target = targets[column] if column < len(targets) else None
+            if kind == _TEXT:
+                size = _SIZE(message, position + 1)[0]
+                position += 5
+                if target is not None:
+                    row[target] = message[position:position + size].decode(encoding)
+                position += size
             else:
-                size = struct.unpack_from("!i", message, position)[0]
-                value = message[position + 4:position + 4 + size].decode(self.encoding)
-                position += 4 + size
-            target = self.index.get(relation.columns[column]) if column < len(relation.columns) else None
-            if target is not None:
-                row[target] = value
+                position += 1
+                if kind == _NULL and target is not None:
+                    row[target] = None
         return row, position
 
 
@@ -483,7 +555,7 @@ def _apply_changes(run: TableRun, name: str, stored: str) -> None:
         if count % PROGRESS_EVERY == 0:
             logger.info("%s: decoded %d change message(s), %d key(s) so far (%.0f/s)", table.name, count,
                         len(decoder.changes.rows), count / (time.monotonic() - started))
-    changes = decoder.changes
+    changes = decoder.result()
     report.rows_read = changes.messages
     logger.info("%s: %d change(s) in %d transaction(s) (%d already applied) up to %s: %d key(s) to write",
                 table.name, changes.messages, changes.transactions, changes.skipped_transactions, upto,
