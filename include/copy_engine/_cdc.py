@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 _STAGE = "_copy_engine_cdc_stage"
 PROGRESS_EVERY = 50_000  # decoded changes between progress lines
+# A stage this large gets statistics before the joins (a wrong plan would cost more than the ANALYZE);
+# below it the planner's estimate from the stage's size serves, and the ANALYZE was a tenth of a run.
+_ANALYZE_STAGE_FROM = 50_000
 
 
 class _Keep:
@@ -429,8 +432,10 @@ def _why_full_copy(run: TableRun, name: str, stored: str, shape: Shape) -> str |
 def _target_columns(run: TableRun) -> set[str]:
     schema_name, relation = run.table.target_schema_table
     with run.tgt.transaction(force_rollback=True):
-        rows = run.tgt.execute("select column_name from information_schema.columns where table_schema = %s "
-                               "and table_name = %s", (schema_name, relation)).fetchall()
+        # pg_attribute, not information_schema.columns: the same names at a fraction of the cost.
+        rows = run.tgt.execute("select attname from pg_attribute where attrelid = to_regclass(%s) and attnum > 0 "
+                               "and not attisdropped", (sql.Identifier(schema_name, relation).as_string(run.tgt),)
+                               ).fetchall()
     return {str(row[0]) for row in rows}
 
 
@@ -670,7 +675,8 @@ def _write(run: TableRun, changes: Changes, generated: dict[str, str] | None = N
                 keep = "".join("1" if value is KEEP and name not in generated else "0"
                                for name, value in zip(columns, row, strict=True))
                 copy.write_row([*(None if value is KEEP else value for value in row), "u", keep])
-    tgt.execute(sql.SQL("analyze {}").format(stage))
+    if len(changes.rows) > _ANALYZE_STAGE_FROM:
+        tgt.execute(sql.SQL("analyze {}").format(stage))
 
     def typed(name: str) -> sql.Composable:
         return sql.SQL("s.{}::{}").format(sql.Identifier(name), sql.SQL(shape.column(name).type_sql))  # type: ignore[union-attr]
