@@ -15,9 +15,9 @@ import subprocess
 import sys
 import time
 import uuid
-from decimal import Decimal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import psycopg
@@ -427,7 +427,8 @@ def test_stored_generated_columns_are_computed_for_the_changed_rows(cdc_pair: Pa
     assert (first.rows_inserted, first.validation.match) == (50, True)
     assert_same(pair)
     pair.run(pair.source, "insert into items (id, name, qty, price) values (51, 'new', 3, 1.5), (52, 'brief', 1, 1);"
-                          "update items set qty = qty + 1 where id <= 5; update items set name = 'renamed' where id = 6;"
+                          "update items set qty = qty + 1 where id <= 5;"
+                          "update items set name = 'renamed' where id = 6;"
                           "update items set id = 100 where id = 7; delete from items where id in (8, 52);"
                           "update items set price = price where id = 9")  # fmt: skip
     changed = sync_table(pair.source, pair.target, TABLE)

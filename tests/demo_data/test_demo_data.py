@@ -182,7 +182,8 @@ def test_tick_applies_one_batch_of_changes(database: str) -> None:
         "ticker_changes": len(retickered),
         "delisted_securities": len(delisted),
         "new_exchanges": len(after_venues.keys() - before_venues.keys()),
-        "changed_exchanges": sum(after_venues[k] != before_venues[k] for k in after_venues.keys() & before_venues.keys()),
+        "changed_exchanges": sum(after_venues[k] != before_venues[k]
+                                 for k in after_venues.keys() & before_venues.keys()),
         "removed_exchanges": len(before_venues.keys() - after_venues.keys()),
     }
     assert (changes["new_exchanges"], changes["changed_exchanges"], changes["removed_exchanges"]) == (2, 2, 1)
