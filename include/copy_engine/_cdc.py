@@ -138,7 +138,9 @@ def check_requirements(run: TableRun, name: str) -> None:
 
 _COUNT = struct.Struct("!h").unpack_from
 _SIZE = struct.Struct("!i").unpack_from
+_OID = struct.Struct("!I").unpack_from
 _TEXT, _NULL, _UNCHANGED, _NEW = ord("t"), ord("n"), ord("u"), ord("N")
+_INSERT, _UPDATE = ord("I"), ord("U")
 
 
 @dataclass
@@ -204,6 +206,13 @@ class PgOutputDecoder:
         return self.changes
 
     def feed(self, message: bytes) -> None:
+        # The common case first, in few steps: an insert, or an update that keeps its key.
+        if (message[0] == _INSERT or (message[0] == _UPDATE and message[5] == _NEW)) and not self._skipping:
+            relation = self.relations[_OID(message, 1)[0]]
+            self.changes.messages += 1
+            if self._defer(message[0] == _INSERT, message, 6, relation):
+                return
+            self.changes.messages -= 1  # counted again below
         kind = message[:1]
         if kind == b"B":
             final_lsn, _, _ = struct.unpack_from("!qqi", message, 1)
@@ -229,9 +238,6 @@ class PgOutputDecoder:
         relation = self.relations[struct.unpack_from("!I", message, 1)[0]]
         position = 5
         self.changes.messages += 1
-        if kind == b"I" or message[position] == _NEW:  # an insert, or an update that keeps its key
-            if self._defer(kind == b"I", message, position + 1, relation):
-                return
         if kind == b"I":
             position += 1  # 'N'
             row, _ = self._tuple(message, position, relation)
