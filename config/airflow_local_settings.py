@@ -54,12 +54,19 @@ def preload_task_modules() -> None:
         from airflow.dag_processing.dagbag import DagBag
 
         bag = DagBag(dag_folder=conf.get("core", "dags_folder"))
-        for name, module in list(sys.modules.items()):
-            if file := _project_file(module):
-                _project_modules[name] = (file, os.stat(file).st_mtime_ns)
+        remember_project_modules()
         log.info("preloaded dbt and %d DAGs for task processes in %.1fs", len(bag.dags), time.perf_counter() - started)
     except Exception:  # a task imports what it needs anyway; only the saving is lost
         log.warning("could not preload the task modules", exc_info=True)
+
+
+def remember_project_modules() -> None:
+    """The project's loaded modules and their files' mtimes, to drop them in a task if a file changed."""
+    for name, module in list(sys.modules.items()):
+        # __main__ is the process's own entry script (.venv/bin/airflow, inside the project when the
+        # venv is): dropped, every later dbt call in the task failed with KeyError: '__main__'.
+        if name != "__main__" and (file := _project_file(module)):
+            _project_modules[name] = (file, os.stat(file).st_mtime_ns)
 
 
 def forget_changed_project_modules() -> None:

@@ -123,9 +123,39 @@ def is_large(table: TableConfig) -> bool:
     return table.parallel > 1
 
 
+# `full`: a `mode: cdc` table whose source is not at wal_level = logical is copied in full instead,
+# with a note. The local stack sets it, so that the demo also runs on a source of your own that
+# cannot decode changes; unset (a Deployment), such a table fails with the engine's message and fix.
+CDC_FALLBACK_VARIABLE = "PIPELINE_CDC_FALLBACK"
+
+
+def cdc_fallback(table: TableConfig, source_dsn: str) -> tuple[TableConfig, str | None]:
+    """The table as this run copies it, and why it is not by CDC when PIPELINE_CDC_FALLBACK allows that."""
+    if table.mode != "cdc" or os.environ.get(CDC_FALLBACK_VARIABLE, "").strip().lower() != "full":
+        return table, None
+    import psycopg
+
+    try:
+        with psycopg.connect(source_dsn, connect_timeout=10) as conn:
+            row = conn.execute("select current_setting('wal_level')").fetchone()
+    except psycopg.Error:
+        return table, None  # the copy engine names the connection problem
+    wal_level = row[0] if row else None
+    if wal_level == "logical":
+        return table, None
+    return table.with_overrides(mode="full"), (
+        f"copied in full, not by CDC: the source's wal_level is {wal_level} (set wal_level = logical on the source "
+        f"and restart it to sync by CDC; {CDC_FALLBACK_VARIABLE}=full allowed the full copy)")
+
+
 def sync_configured_table(name: str, source_dsn: str, warehouse_dsn: str) -> SyncReport:
     """Copy one configured table into the warehouse and log its report's summary."""
-    report = sync_table(source_dsn, warehouse_dsn, table_config(name))
+    table, fallback = cdc_fallback(table_config(name), source_dsn)
+    if fallback:
+        logger.warning("%s: %s", name, fallback)
+    report = sync_table(source_dsn, warehouse_dsn, table)
+    if fallback:
+        report.notes.append(fallback)
     logger.info("%s", report.summary())
     return report
 

@@ -22,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m include.demo_data", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    make = commands.add_parser("generate", help="create or replace stock_master and edi_690")
+    make = commands.add_parser("generate", help="create or replace stock_master, edi_690 and exchanges")
     make.add_argument("--dsn", required=True, help="libpq connection string of the source database")
     make.add_argument("--securities", type=int, default=10_000)
     make.add_argument("--events", type=int, default=100_000)

@@ -1,4 +1,4 @@
-"""Create and fill the two source tables."""
+"""Create and fill the source tables."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import psycopg
 from psycopg import sql
 
 from include.demo_data._errors import DemoDataError
+from include.demo_data._exchanges import create_exchanges
 from include.demo_data._functions import install_helpers
 from include.demo_data._vocabulary import NAME_PREFIXES, NAME_SUFFIXES
 
@@ -312,7 +313,7 @@ def generate(
     schema: str = "public",
     now: datetime | None = None,
 ) -> dict[str, int]:
-    """Create or replace `stock_master` and `edi_690` in `schema`; return the row counts.
+    """Create or replace `stock_master`, `edi_690` and `exchanges` in `schema`; return the row counts.
 
     The same arguments give the same rows. Timestamps lie in the two years before `now`
     (default `DEFAULT_EPOCH`).
@@ -322,10 +323,12 @@ def generate(
     epoch = now or DEFAULT_EPOCH
     stock_master = sql.Identifier(schema, "stock_master")
     edi_690 = sql.Identifier(schema, "edi_690")
+    exchanges = sql.Identifier(schema, "exchanges")
     with psycopg.connect(dsn) as conn:
         install_helpers(conn)
         conn.execute(sql.SQL("create schema if not exists {}").format(sql.Identifier(schema)))
-        conn.execute(sql.SQL("drop table if exists {}, {}").format(edi_690, stock_master))
+        conn.execute(sql.SQL("drop table if exists {}, {}, {}").format(edi_690, stock_master, exchanges))
+        venues = create_exchanges(conn, exchanges)
         conn.execute(sql.SQL(_CREATE_STOCK_MASTER).format(table=stock_master))
         conn.execute(sql.SQL(_CREATE_EDI_690).format(table=edi_690))
         conn.execute(
@@ -347,7 +350,7 @@ def generate(
                     "epoch": epoch,
                 },
             )
-        for table in (stock_master, edi_690):
+        for table in (stock_master, edi_690, exchanges):
             conn.execute(sql.SQL("analyze {}").format(table))
     logger.info("generated %s securities and %s events in schema %s", securities, events, schema)
-    return {"stock_master": securities, "edi_690": events}
+    return {"stock_master": securities, "edi_690": events, "exchanges": venues}

@@ -10,6 +10,7 @@ import psycopg
 from psycopg import sql
 
 from include.demo_data._errors import DemoDataError
+from include.demo_data._exchanges import tick_exchanges
 from include.demo_data._functions import install_helpers
 from include.demo_data._generate import EVENTS_SELECT, event_params, name_params
 
@@ -189,6 +190,7 @@ def tick(
     """
     stock_master = sql.Identifier(schema, "stock_master")
     edi_690 = sql.Identifier(schema, "edi_690")
+    exchanges = sql.Identifier(schema, "exchanges")
     tables = {"stock_master": stock_master, "edi_690": edi_690}
     with psycopg.connect(dsn) as conn:
         install_helpers(conn)
@@ -248,6 +250,11 @@ def tick(
         )
         # Fewer than the batch only if the source lost securities (ids drawn for them are skipped).
         new_events = inserted.rowcount
+        try:
+            venues = tick_exchanges(conn, exchanges, stock_master, seed=seed, tick_at=tick_at)
+        except psycopg.errors.UndefinedTable as error:
+            raise DemoDataError(f"no table {schema}.exchanges (a demo source made before it existed): "
+                                "run generate again") from error
     changes = {
         "new_events": new_events,
         "amended_events": flags.count("U"),
@@ -256,6 +263,7 @@ def tick(
         "renamed_securities": len(renamed_ids),
         "ticker_changes": len(ticker_ids),
         "delisted_securities": delisted,
+        **venues,
     }
     logger.info("tick at %s in schema %s: %s", tick_at.isoformat(), schema, changes)
     return changes

@@ -63,3 +63,35 @@ NAME_SUFFIXES: tuple[tuple[str, str], ...] = (
     ("리츠", "REIT"),
     ("인베스트먼트", "Investment"),
 )
+
+# Trading venues (ISO 10383 MIC, name, country, city, time zone, currency, regular session). The
+# first six are those the securities master lists on; the rest come and go with `tick`.
+LISTED_EXCHANGES = ("XKRX", "XKOS", "XNYS", "XNAS", "XTKS", "XHKG")
+EXCHANGES: tuple[tuple[str, str, str, str, str, str, str, str], ...] = (
+    ("XKRX", "Korea Exchange (KOSPI)", "KR", "Seoul", "Asia/Seoul", "KRW", "09:00", "15:30"),
+    ("XKOS", "Korea Exchange (KOSDAQ)", "KR", "Seoul", "Asia/Seoul", "KRW", "09:00", "15:30"),
+    ("XNYS", "New York Stock Exchange", "US", "New York", "America/New_York", "USD", "09:30", "16:00"),
+    ("XNAS", "Nasdaq", "US", "New York", "America/New_York", "USD", "09:30", "16:00"),
+    ("XTKS", "Tokyo Stock Exchange", "JP", "Tokyo", "Asia/Tokyo", "JPY", "09:00", "15:30"),
+    ("XHKG", "Hong Kong Exchanges and Clearing", "HK", "Hong Kong", "Asia/Hong_Kong", "HKD", "09:30", "16:00"),
+    ("XLON", "London Stock Exchange", "GB", "London", "Europe/London", "GBP", "08:00", "16:30"),
+    ("XPAR", "Euronext Paris", "FR", "Paris", "Europe/Paris", "EUR", "09:00", "17:30"),
+    ("XETR", "Xetra", "DE", "Frankfurt", "Europe/Berlin", "EUR", "09:00", "17:30"),
+    ("XSHG", "Shanghai Stock Exchange", "CN", "Shanghai", "Asia/Shanghai", "CNY", "09:30", "15:00"),
+    ("XSHE", "Shenzhen Stock Exchange", "CN", "Shenzhen", "Asia/Shanghai", "CNY", "09:30", "15:00"),
+    ("XASX", "ASX", "AU", "Sydney", "Australia/Sydney", "AUD", "10:00", "16:00"),
+    ("XTSE", "Toronto Stock Exchange", "CA", "Toronto", "America/Toronto", "CAD", "09:30", "16:00"),
+    ("XSES", "Singapore Exchange", "SG", "Singapore", "Asia/Singapore", "SGD", "09:00", "17:00"),
+    ("XNSE", "National Stock Exchange of India", "IN", "Mumbai", "Asia/Kolkata", "INR", "09:15", "15:30"),
+    ("XSWX", "SIX Swiss Exchange", "CH", "Zurich", "Europe/Zurich", "CHF", "09:00", "17:30"),
+    ("XAMS", "Euronext Amsterdam", "NL", "Amsterdam", "Europe/Amsterdam", "EUR", "09:00", "17:30"),
+    ("XMIL", "Borsa Italiana", "IT", "Milan", "Europe/Rome", "EUR", "09:00", "17:30"),
+    ("XSTO", "Nasdaq Stockholm", "SE", "Stockholm", "Europe/Stockholm", "SEK", "09:00", "17:30"),
+    ("XTAI", "Taiwan Stock Exchange", "TW", "Taipei", "Asia/Taipei", "TWD", "09:00", "13:30"),
+    ("XBKK", "Stock Exchange of Thailand", "TH", "Bangkok", "Asia/Bangkok", "THB", "10:00", "16:30"),
+    ("XJSE", "Johannesburg Stock Exchange", "ZA", "Johannesburg", "Africa/Johannesburg", "ZAR", "09:00", "17:00"),
+    ("BVMF", "B3", "BR", "Sao Paulo", "America/Sao_Paulo", "BRL", "10:00", "17:00"),
+    ("XMEX", "Bolsa Mexicana de Valores", "MX", "Mexico City", "America/Mexico_City", "MXN", "08:30", "15:00"),
+)
+# How many venues a new demo source starts with: the listed ones and the next six.
+INITIAL_EXCHANGES = 12

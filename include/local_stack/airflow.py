@@ -122,6 +122,9 @@ def airflow_environment(settings: StackSettings) -> dict[str, str]:
     # `make run` triggers the pipeline itself; the schedule of tables.yml would start a second run
     # at once (catchup=False still runs the latest interval). PIPELINE_SCHEDULE: include/ingestion.py.
     env.setdefault("PIPELINE_SCHEDULE", "none")
+    # The demo's CDC table on a source of your own at wal_level replica: copied in full, with a note
+    # (include/ingestion.py); the embedded server is at wal_level logical and syncs it by CDC.
+    env.setdefault("PIPELINE_CDC_FALLBACK", "full")
     env.update(settings.extra_env)
     return env
 

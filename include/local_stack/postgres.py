@@ -33,6 +33,8 @@ _SERVER_SETTINGS = {
     "max_connections": "300",
     "shared_buffers": "128MB",
     "max_wal_size": "2GB",
+    # The demo syncs a table by change data capture (a logical replication slot); costs no start time.
+    "wal_level": "logical",
 }
 # A throwaway test server trades durability after an OS crash for speed; a killed server
 # process still recovers, which is what the crash-safety tests exercise.
@@ -103,6 +105,11 @@ class EmbeddedPostgres:
                 return True
         except psycopg.OperationalError:
             return False
+
+    def setting(self, name: str) -> str:
+        """A server setting as the running server has it."""
+        with psycopg.connect(self.dsn(), connect_timeout=2) as conn:
+            return str(conn.execute("select current_setting(%s)", (name,)).fetchone()[0])  # type: ignore[index]
 
     def start(self) -> EmbeddedPostgres:
         """Initialise the data directory if needed and start the server; idempotent."""

@@ -57,7 +57,13 @@ def embedded_postgres(settings: StackSettings) -> EmbeddedPostgres:
 
 def start_databases(settings: StackSettings) -> None:
     """The embedded server (always: it holds Airflow's metadata) and the project's databases."""
-    server = embedded_postgres(settings).start()
+    server = embedded_postgres(settings)
+    if server.is_running() and server.setting("wal_level") != "logical":
+        # Started by an earlier version of the project; CDC needs a restart (Airflow uses the server).
+        logger.warning("restarting the embedded PostgreSQL with wal_level = logical (for mode cdc)")
+        airflow.stop(settings)
+        server.stop()
+    server.start()
     create_database(server.dsn(), "airflow")
     for conn_id in (SOURCE_CONN_ID, WAREHOUSE_CONN_ID):
         url = settings.database_url(conn_id)
@@ -89,7 +95,7 @@ def ensure_demo_data(settings: StackSettings) -> dict[str, Any] | None:
 
     Only while the table configuration copies the demo's tables: a source of your own is never written to.
     """
-    from include.demo_data import generate
+    from include.demo_data import ensure_exchanges, generate
 
     if not demo_in_use():
         return None
@@ -97,6 +103,8 @@ def ensure_demo_data(settings: StackSettings) -> dict[str, Any] | None:
     with psycopg.connect(url) as conn:
         present = conn.execute("select to_regclass('public.stock_master') is not null").fetchone()[0]
     if present:
+        if ensure_exchanges(url):  # a demo source made before the venues existed
+            return {"exchanges": "created"}
         return None
     # Anchored to the wall clock, so that dbt's source freshness reflects this run.
     return generate(
@@ -276,6 +284,10 @@ def dbt_task_kind(task_id: str) -> str | None:
     return None
 
 
+# A CDC run's changes have no source snapshot to compare with: not validated (its first load is).
+_VALIDATION = {True: "ok", None: "not validated"}
+
+
 def summary(settings: StackSettings, client: airflow.AirflowClient, run: PipelineRun, total_seconds: float) -> str:
     manifest = dbt_project.load_manifest(dbt_project.manifest_path(settings.dbt_project_dir))
     in_manifest = dbt_project.node_counts(manifest)
@@ -288,8 +300,9 @@ def summary(settings: StackSettings, client: airflow.AirflowClient, run: Pipelin
         lines.append(
             f"    {table:<24} {extra.get('mode', ''):<12} read {extra.get('rows_read', '?'):>8}  "
             f"+{extra.get('rows_inserted', '?')} ~{extra.get('rows_updated', '?')} -{extra.get('rows_deleted', '?')}"
-            f"  validation {'ok' if extra.get('validation_match') else extra.get('validation_match')}"
+            f"  validation {_VALIDATION.get(extra.get('validation_match'), extra.get('validation_match'))}"
         )
+        lines += [f"      note: {note}" for note in extra.get("notes") or []]
     trigger = "triggered by the raw tables' Asset events" if run.tables else "triggered by `make run`"
     lines += [
         f"  dbt project {manifest['metadata']['project_name']} ({dbt_project.describe_counts(in_manifest)}):",

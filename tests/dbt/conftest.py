@@ -101,6 +101,7 @@ _TABLES = {
     "int_event_summary": "select * from intermediate.int_event_summary order by security_id, event_type",
     "snp_stock_master": "select * from snapshots.snp_stock_master order by security_id, dbt_valid_from",
     "snp_edi_690": "select * from snapshots.snp_edi_690 order by event_id, dbt_valid_from",
+    "stg_exchanges": "select * from staging.stg_exchanges order by exchange_mic",
 }
 
 

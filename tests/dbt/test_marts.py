@@ -8,11 +8,12 @@ from decimal import Decimal
 from typing import Any
 
 from tests.dbt import expected
-from tests.dbt.conftest import EVENTS, SECURITIES, Warehouse
+from tests.dbt.conftest import EVENTS, SECURITIES, Warehouse, fetch
 
 MODELS = {
     "stg_stock_master": "staging",
     "stg_edi_690": "staging",
+    "stg_exchanges": "staging",
     "int_event_summary": "intermediate",
     "dim_securities": "marts",
     "fact_events": "marts",
@@ -233,6 +234,26 @@ def test_fact_events_after_a_tick(warehouse: Warehouse) -> None:
     assert picked["old"] > 0 and picked["new"] > 0, picked
 
 
+def test_stg_exchanges_follows_the_venues_through_a_tick(warehouse: Warehouse) -> None:
+    """The CDC table's staging model: one row per venue as raw has it, before and after a tick."""
+    initial = warehouse.initial.tables["stg_exchanges"]
+    after = warehouse.after_tick.tables["stg_exchanges"]
+    assert len(initial) == 12
+    raw = fetch(warehouse.dsn, "select * from raw.exchanges order by mic")
+    assert [row["exchange_mic"] for row in after] == [row["mic"] for row in raw]
+    for row, venue in zip(after, raw, strict=True):
+        opens, closes = (venue["opens_at"].hour * 60 + venue["opens_at"].minute,
+                         venue["closes_at"].hour * 60 + venue["closes_at"].minute)
+        assert row["session_minutes"] == (closes - opens) % 1440, venue["mic"]
+        assert (row["exchange_name"], row["currency_code"], row["closes_at"]) == (
+            venue["exchange_name"], venue["currency"], venue["closes_at"])
+    changes = warehouse.tick_changes
+    before, now = {row["exchange_mic"]: row for row in initial}, {row["exchange_mic"]: row for row in after}
+    assert (len(now.keys() - before.keys()), len(before.keys() - now.keys())) == (
+        changes["new_exchanges"], changes["removed_exchanges"]) == (2, 1)
+    assert sum(now[mic] != before[mic] for mic in now.keys() & before.keys()) == changes["changed_exchanges"] == 2
+
+
 def test_relations_land_in_their_schemas(warehouse: Warehouse) -> None:
     for name, schema in MODELS.items():
         rows = warehouse.catalog["nodes"]
@@ -256,5 +277,6 @@ def test_docs_describe_every_model_and_column(warehouse: Warehouse) -> None:
         described = {column for column, spec in manifest_node["columns"].items() if spec["description"].strip()}
         assert set(node["columns"]) == described, name
     for source in warehouse.manifest["sources"].values():
-        assert source["description"].strip() and source["loaded_at_field"]
+        # A table without a change timestamp (the CDC venues) is fresh as of its last successful sync.
+        assert source["description"].strip() and (source["loaded_at_field"] or source["loaded_at_query"])
         assert source["freshness"]["error_after"]["count"]

@@ -25,6 +25,7 @@ def test_parse_needs_no_database(tmp_path: Path) -> None:
         "snp_edi_690": "snapshots",
         "stg_stock_master": "staging",
         "stg_edi_690": "staging",
+        "stg_exchanges": "staging",
         "int_event_summary": "intermediate",
         "dim_securities": "marts",
         "fact_events": "marts",
@@ -59,7 +60,7 @@ _NODE_BY_NODE = textwrap.dedent(
     common = sys.argv[1:]
     runner = dbtRunner()
     failures = []
-    for node in ["snp_stock_master", "snp_edi_690", "stg_stock_master", "stg_edi_690",
+    for node in ["snp_stock_master", "snp_edi_690", "stg_exchanges", "stg_stock_master", "stg_edi_690",
                  "int_event_summary", "dim_securities", "fact_events", "fact_cash_dividends_yearly",
                  "fact_split_adjustment_factors"]:
         result = runner.invoke(["build", "--select", node, "--quiet", *common])

@@ -48,6 +48,16 @@ EDI_690_COLUMNS = {
     "created_at": "timestamp with time zone",
     "changed_at": "timestamp with time zone",
 }
+EXCHANGES_COLUMNS = {
+    "mic": "character",
+    "exchange_name": "text",
+    "country_code": "character",
+    "city": "text",
+    "time_zone": "text",
+    "currency": "character",
+    "opens_at": "time without time zone",
+    "closes_at": "time without time zone",
+}
 
 
 def isin_is_valid(isin: str) -> bool:
@@ -77,9 +87,10 @@ def test_isin_check_reference_values() -> None:
 
 def test_generate_makes_the_contract_tables(database: str) -> None:
     counts = generate(database, securities=SECURITIES, events=EVENTS, schema="source")
-    assert counts == {"stock_master": SECURITIES, "edi_690": EVENTS}
+    assert counts == {"stock_master": SECURITIES, "edi_690": EVENTS, "exchanges": 12}
     with psycopg.connect(database) as conn:
-        for table, expected in (("stock_master", STOCK_MASTER_COLUMNS), ("edi_690", EDI_690_COLUMNS)):
+        for table, expected in (("stock_master", STOCK_MASTER_COLUMNS), ("edi_690", EDI_690_COLUMNS),
+                                ("exchanges", EXCHANGES_COLUMNS)):
             columns = dict(
                 conn.execute(
                     "select column_name, data_type from information_schema.columns"
@@ -93,12 +104,15 @@ def test_generate_makes_the_contract_tables(database: str) -> None:
             " inner join information_schema.key_column_usage as kcu using (constraint_schema, constraint_name)"
             " where tc.table_schema = 'source' and tc.constraint_type = 'PRIMARY KEY' order by 1"
         ).fetchall()
-        assert primary_keys == [("edi_690", "event_id"), ("stock_master", "security_id")]
+        assert primary_keys == [("edi_690", "event_id"), ("exchanges", "mic"), ("stock_master", "security_id")]
         orphans = conn.execute(
             "select count(*) from source.edi_690 as e"
             " left join source.stock_master as s using (security_id) where s.security_id is null"
         ).fetchone()
         assert orphans == (0,)
+        unlisted = conn.execute("select count(*) from source.stock_master as s"
+                                " left join source.exchanges as x on x.mic = s.exchange_mic where x.mic is null")
+        assert unlisted.fetchone() == (0,)
 
 
 def test_generated_values_are_realistic(database: str) -> None:
@@ -132,18 +146,21 @@ def test_generate_is_deterministic_from_the_seed(database: str) -> None:
     for table, key in (("stock_master", "security_id"), ("edi_690", "event_id")):
         assert rows(database, "first", table, key) == rows(database, "second", table, key)
         assert rows(database, "first", table, key) != rows(database, "other", table, key)
+    assert rows(database, "first", "exchanges", "mic") == rows(database, "other", "exchanges", "mic")
 
 
 def test_tick_applies_one_batch_of_changes(database: str) -> None:
     generate(database, securities=SECURITIES, events=EVENTS, schema="source")
     before_securities = {row[0]: row for row in rows(database, "source", "stock_master", "security_id")}
     before_events = {row[0]: row for row in rows(database, "source", "edi_690", "event_id")}
+    before_venues = {row[0]: row for row in rows(database, "source", "exchanges", "mic")}
     latest = max(max(row[11] for row in before_securities.values()), max(row[13] for row in before_events.values()))
 
     changes = tick(database, seed=3, schema="source")
 
     after_securities = {row[0]: row for row in rows(database, "source", "stock_master", "security_id")}
     after_events = {row[0]: row for row in rows(database, "source", "edi_690", "event_id")}
+    after_venues = {row[0]: row for row in rows(database, "source", "exchanges", "mic")}
     changed_securities = {key for key, row in after_securities.items() if row != before_securities[key]}
     new_events = set(after_events) - set(before_events)
     changed_events = {key for key in before_events if after_events[key] != before_events[key]}
@@ -164,8 +181,18 @@ def test_tick_applies_one_batch_of_changes(database: str) -> None:
         "renamed_securities": len(renamed),
         "ticker_changes": len(retickered),
         "delisted_securities": len(delisted),
+        "new_exchanges": len(after_venues.keys() - before_venues.keys()),
+        "changed_exchanges": sum(after_venues[k] != before_venues[k]
+                                 for k in after_venues.keys() & before_venues.keys()),
+        "removed_exchanges": len(before_venues.keys() - after_venues.keys()),
     }
-    assert all(count >= 2 for count in changes.values()), changes
+    assert (changes["new_exchanges"], changes["changed_exchanges"], changes["removed_exchanges"]) == (2, 2, 1)
+    assert all(count >= 2 for kind, count in changes.items() if kind != "removed_exchanges"), changes
+    removed = (before_venues.keys() - after_venues.keys()).pop()
+    assert removed not in {row[5] for row in after_securities.values()}, "no security lists on a removed venue"
+    moved = [k for k in after_venues.keys() & before_venues.keys() if after_venues[k] != before_venues[k]]
+    assert all(after_venues[k][:7] == before_venues[k][:7] and after_venues[k][7] != before_venues[k][7]
+               for k in moved), "only the closing time moves"
     assert len(changed_securities) == len(renamed) + len(retickered) + len(delisted)
     assert all(before_events[k][3] in ("I", "U") for k in changed_events), "only live events change"
     assert all(after_events[k][3] == "I" and after_events[k][5] > after_events[k][12].date() for k in new_events)
@@ -177,6 +204,7 @@ def test_tick_is_deterministic_and_honours_now(database: str) -> None:
         generate(database, securities=SECURITIES, events=EVENTS, schema=schema)
         tick(database, seed=5, schema=schema)
     assert rows(database, "first", "edi_690", "event_id") == rows(database, "second", "edi_690", "event_id")
+    assert rows(database, "first", "exchanges", "mic") == rows(database, "second", "exchanges", "mic")
     assert rows(database, "first", "stock_master", "security_id") == rows(
         database, "second", "stock_master", "security_id"
     )
@@ -203,6 +231,7 @@ def test_cli_prints_one_line_summaries(database: str) -> None:
         return result.stdout
 
     made = cli("generate", "--securities", "50", "--events", "200", "--seed", "9")
-    assert made == "generate cli: stock_master=50, edi_690=200\n"
+    assert made == "generate cli: stock_master=50, edi_690=200, exchanges=12\n"
     ticked = cli("tick", "--seed", "2")
-    assert re.fullmatch(r"tick cli: new_events=\d+, amended_events=\d+, .*delisted_securities=\d+\n", ticked)
+    assert re.fullmatch(r"tick cli: new_events=\d+, amended_events=\d+, .*delisted_securities=\d+, "
+                        r"new_exchanges=2, changed_exchanges=2, removed_exchanges=1\n", ticked)

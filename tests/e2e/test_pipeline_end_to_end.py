@@ -27,6 +27,10 @@ pytestmark = pytest.mark.e2e
 # The feed's event codes and the readable types the models give them.
 EVENT_TYPES = {"DIV": "dividend", "SD": "split", "CONSD": "consolidation", "BON": "bonus_issue",
                "RTS": "rights_issue", "MRGR": "merger", "DMRGR": "demerger", "CAPRD": "capital_reduction"}  # fmt: skip
+KEYS = {"stock_master": "security_id", "edi_690": "event_id", "exchanges": "mic"}
+# exchanges is `mode: cdc`: the embedded source (wal_level logical) syncs it so; PostgreSQL 15 at
+# wal_level replica, a server of your own, gets it copied in full (PIPELINE_CDC_FALLBACK, set by the stack).
+EXCHANGES_MODE = {True: "cdc", False: "full"}
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +75,16 @@ def test_ingestion_copies_every_table_and_reports_it_on_the_assets(stack, pipeli
     securities = source_rows(stack, "select count(*) from public.stock_master")[0][0]
     events = source_rows(stack, "select count(*) from public.edi_690")[0][0]
     assert (securities, events) == (400, 4000)
-    assert set(pipeline_run.tables) == {raw_table_uri(stack, "stock_master"), raw_table_uri(stack, "edi_690")}
+    assert set(pipeline_run.tables) == {raw_table_uri(stack, table) for table in KEYS}
     assert pipeline_run.tables[raw_table_uri(stack, "stock_master")]["rows_inserted"] == securities
     assert pipeline_run.tables[raw_table_uri(stack, "edi_690")]["rows_inserted"] == events
+    # The venues: by CDC where the source decodes changes (the embedded server), else in full, saying why.
+    venues = pipeline_run.tables[raw_table_uri(stack, "exchanges")]
+    assert (venues["mode"], venues["rows_inserted"]) == (EXCHANGES_MODE[stack.settings.source_url is None], 12)
+    if stack.settings.source_url is not None:
+        assert venues["notes"] == ["copied in full, not by CDC: the source's wal_level is replica (set wal_level = "
+                                   "logical on the source and restart it to sync by CDC; PIPELINE_CDC_FALLBACK=full "
+                                   "allowed the full copy)"]
     assert all(extra["validation_match"] is True for extra in pipeline_run.tables.values())
     assert warehouse_rows(stack, "select count(*) from raw.stock_master")[0][0] == securities
     assert warehouse_rows(stack, "select count(*) from raw.edi_690")[0][0] == events
@@ -87,7 +98,7 @@ def test_transform_was_triggered_by_the_raw_assets_and_succeeded(stack, pipeline
     events = stack.client.get(f"/api/v2/dags/{runner.TRANSFORM_DAG}/dagRuns/{run_id}/upstreamAssetEvents")
     triggered_by = {(event["uri"], event["source_run_id"]) for event in events["asset_events"]}
     ingest_run = pipeline_run.ingest["dag_run_id"]
-    assert triggered_by == {(raw_table_uri(stack, t), ingest_run) for t in ("stock_master", "edi_690")}
+    assert triggered_by == {(raw_table_uri(stack, t), ingest_run) for t in KEYS}
     states = pipeline_run.task_states[runner.TRANSFORM_DAG]
     assert set(states) == {"success"}
     assert states["success"] >= 10, "every dbt node should be its own task"
@@ -152,7 +163,7 @@ def test_summary_names_tables_nodes_tests_and_the_ui(stack, pipeline_run):
     from include.dbt_project import load_manifest, node_counts
 
     text = runner.summary(stack.settings, stack.client, pipeline_run, 12.0)
-    assert "raw.stock_master" in text and "raw.edi_690" in text
+    assert "raw.stock_master" in text and "raw.edi_690" in text and "raw.exchanges" in text
     assert " read      400" in text and " read     4000" in text
     counts = node_counts(load_manifest())
     assert f"    snapshots  {counts['snapshot']} succeeded, 0 failed (of {counts['snapshot']})" in text
@@ -175,8 +186,6 @@ def test_starting_again_while_up_reuses_the_running_airflow(stack, pipeline_run)
 # about six minutes a stack. Both servers' engine and dbt behaviour is covered in tests/copy_engine
 # and tests/dbt.
 on_pg18_stack = pytest.mark.parametrize("stack", ["pg18"], indirect=True)
-
-KEYS = {"stock_master": "security_id", "edi_690": "event_id"}
 
 
 def table_digest(dsn: str, table: str, key: str) -> tuple[int, str]:
@@ -205,13 +214,19 @@ def second_run(stack, pipeline_run):
 
 @on_pg18_stack
 def test_the_second_ingestion_copies_only_the_changes(stack, pipeline_run, second_run):
-    for table in KEYS:
+    for table in ("stock_master", "edi_690"):
         first, second = pipeline_run.tables[raw_table_uri(stack, table)], second_run.tables[raw_table_uri(stack, table)]
         total = source_rows(stack, f"select count(*) from public.{table}")[0][0]
         assert second["watermark_before"] == first["watermark_after"], table
         assert second["watermark_after"] > first["watermark_after"], table
         assert 0 < second["rows_read"] < total / 5, table
         assert second["rows_updated"] > 0 and second["validation_match"] is True, table
+    # The venues by CDC: exactly the tick's two new, two changed and one removed venue, up to a later position.
+    first, second = pipeline_run.tables[raw_table_uri(stack, "exchanges")], second_run.tables[
+        raw_table_uri(stack, "exchanges")]
+    assert (second["mode"], second["rows_inserted"], second["rows_updated"], second["rows_deleted"]) == ("cdc", 2, 2, 1)
+    assert second["watermark_before"] == first["watermark_after"] != second["watermark_after"]
+    assert second["validation_match"] is None  # changes have no source snapshot to compare with
     assert_warehouse_equals_source(stack)
 
 
@@ -320,7 +335,8 @@ def test_clearing_the_failed_task_recovers_without_gaps_or_duplicates(stack, fai
     assert_warehouse_equals_source(stack)
     health = dict(warehouse_rows(stack, "select target_table, (runs, failed_runs, last_run_status)::text "
                                         "from marts.pipeline_health"))
-    assert health == {"raw.stock_master": "(4,1,success)", "raw.edi_690": "(3,0,success)"}
+    assert health == {"raw.stock_master": "(4,1,success)", "raw.edi_690": "(3,0,success)",
+                      "raw.exchanges": "(3,0,success)"}
 
 
 # --- a bad row makes one model's test fail; fixing it and clearing the task completes the run ----

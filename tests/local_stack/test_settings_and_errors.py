@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from include import pipeline
@@ -82,3 +84,30 @@ def test_tables_config_is_chosen_per_environment(tmp_path, monkeypatch):
     assert str(raised.value) == (
         f"PIPELINE_ENVIRONMENT='staging' but {tmp_path.name}/staging/tables.yml does not exist; "
         "create it (the format is in docs/copy_engine.md) or unset PIPELINE_ENVIRONMENT")
+
+
+def test_a_changed_project_file_drops_the_project_modules_but_never_main(tmp_path, monkeypatch):
+    """The entry script (.venv/bin/airflow) lives inside the project; dropping `__main__` broke dbt."""
+    import importlib.util
+    import sys
+    import types
+
+    spec = importlib.util.spec_from_file_location("local_settings_under_test",
+                                                  pipeline.PROJECT_ROOT / "config" / "airflow_local_settings.py")
+    settings = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(settings)
+    project_module = tmp_path / "edited.py"
+    project_module.write_text("")
+    monkeypatch.setattr(settings, "PROJECT_ROOT", tmp_path.parent)
+    main = types.ModuleType("__main__")
+    main.__file__ = str(tmp_path / "airflow")  # the entry script, inside the project
+    (tmp_path / "airflow").write_text("")
+    edited = types.ModuleType("edited")
+    edited.__file__ = str(project_module)
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    monkeypatch.setitem(sys.modules, "edited", edited)
+    settings.remember_project_modules()
+    assert "edited" in settings._project_modules and "__main__" not in settings._project_modules
+    os.utime(project_module, ns=(1, 1))
+    settings.forget_changed_project_modules()
+    assert "edited" not in sys.modules and sys.modules["__main__"] is main
