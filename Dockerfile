@@ -6,6 +6,10 @@ FROM astrocrpublic.azurecr.io/runtime:3.3-2
 ENV AIRFLOW__COSMOS__ENABLE_TELEMETRY=False \
     AIRFLOW__USAGE_DATA_COLLECTION__ENABLED=False
 
+# The dbt build's producer task writes each node's result once (XCom), not also into an Airflow
+# Variable rewritten whole on every result; the backup is still written when the producer fails.
+ENV AIRFLOW__COSMOS__ENABLE_WATCHER_RELIABLE_RETRY=False
+
 # dbt runs inside the Airflow worker through dbt's Python API (Cosmos InvocationMode.DBT_RUNNER),
 # so dbt-core and dbt-postgres come from requirements.txt; see the README for the measurements.
 # config/airflow_local_settings.py lands in $AIRFLOW_HOME/config, where Airflow imports it: the

@@ -166,3 +166,11 @@ def test_the_deploy_images_bring_their_own_celery_provider_and_the_docs_say_so()
     deploy_doc = " ".join((ROOT / "docs" / "deploy.md").read_text().split())
     assert "`apache-airflow-providers-celery==3.26.0`" in deploy_doc
     assert "Astro Runtime ships it" in deploy_doc and "MWAA's image runs its workers with it" in deploy_doc
+
+
+def test_the_image_and_the_local_stack_set_the_watcher_producer_alike():
+    from include.local_stack.airflow import WATCHER_PRODUCER_SETTINGS
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for name, value in WATCHER_PRODUCER_SETTINGS.items():
+        assert f"ENV {name}={value}" in dockerfile, name

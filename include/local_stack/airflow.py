@@ -34,6 +34,10 @@ from include.local_stack.settings import SOURCE_CONN_ID, WAREHOUSE_CONN_ID, Stac
 logger = logging.getLogger(__name__)
 
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+# Cosmos' watcher producer would also rewrite an Airflow Variable holding every result so far on each
+# of its XCom pushes (700 extra writes of a growing value for 50 models), to survive a hard crash;
+# without it the backup is written once, when the producer fails. The Dockerfile sets the same.
+WATCHER_PRODUCER_SETTINGS = {"AIRFLOW__COSMOS__ENABLE_WATCHER_RELIABLE_RETRY": "False"}
 ADMIN_USER = "admin"
 
 
@@ -97,6 +101,7 @@ def airflow_environment(settings: StackSettings) -> dict[str, str]:
             # Nothing phones home: this machine, like many behind a firewall, has no internet.
             "AIRFLOW__USAGE_DATA_COLLECTION__ENABLED": "False",
             "AIRFLOW__COSMOS__ENABLE_TELEMETRY": "False",
+            **WATCHER_PRODUCER_SETTINGS,
             # The docs the transform's dbt_docs task publishes, served by Cosmos' plugin under
             # Browse → dbt Docs (include/dbt_config.py writes where this entry points).
             # Keyed by the dbt project's name, read from its manifest.
