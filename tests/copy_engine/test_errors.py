@@ -125,14 +125,17 @@ def test_bad_yaml_and_bad_settings(tmp_path):
 
 def test_demo_configuration():
     config = load_config("include/config/tables.yml")
-    assert config.names == ["stock_master", "edi_690"]
+    assert config.names == ["stock_master", "edi_690", "exchanges"]
     stock = config.table("stock_master")
     assert (stock.source, stock.target, stock.mode, stock.cursor_column, stock.delete_detection, stock.validate) == (
         "public.stock_master", "raw.stock_master", "incremental", "updated_at", "hard", True)
     events = config.table("edi_690")
     assert (events.target, events.cursor_column, events.delete_detection) == ("raw.edi_690", "changed_at", "hard")
+    exchanges = config.table("exchanges")
+    assert (exchanges.source, exchanges.target, exchanges.mode, exchanges.cursor_column) == (
+        "public.exchanges", "raw.exchanges", "cdc", None)
     with pytest.raises(ConfigError, match="no table named 'nope' in include/config/tables.yml; configured: "
-                       "stock_master, edi_690"):
+                       "stock_master, edi_690, exchanges"):
         config.table("nope")
     assert TableConfig(name="x", source="public.x").target == "raw.x"
 
