@@ -17,6 +17,7 @@ DBT_TEST_BEHAVIOR how tests become tasks); the README gives the measurements beh
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from cosmos import settings as cosmos_settings
 from cosmos.constants import ExecutionMode, InvocationMode, LoadMode, SourceRenderingBehavior, TestBehavior
 from cosmos.dbt.selector import select_nodes
 from cosmos.operators._watcher.base import BaseConsumerSensor
+from cosmos.operators._watcher.state import get_dbt_event_xcom_key
 from cosmos.operators.local import DbtDocsLocalOperator
 from cosmos.profiles import BaseProfileMapping
 
@@ -243,23 +245,21 @@ def render_config() -> RenderConfig:
     )
 
 
-def _xcom_key(unique_id: str, suffix: str) -> str:
-    # How Cosmos' watcher producer names what it publishes per dbt node (cosmos.operators._watcher.state).
-    return f"{unique_id.replace('.', '__')}_{suffix}"
-
-
-def _tests_of(unique_id: str) -> list[str]:
-    nodes = manifest()["nodes"]
-    return sorted(uid for uid, node in nodes.items()
-                  if node["resource_type"] == "test" and unique_id in node["depends_on"]["nodes"])  # fmt: skip
-
-
+@functools.cache
+def _tests_by_node() -> dict[str, list[str]]:
+    """Each node's tests, from the manifest, built once per process (not once per test task)."""
+    tests: dict[str, list[str]] = {}
+    for uid, node in sorted(manifest()["nodes"].items()):
+        if node["resource_type"] == "test":
+            for parent in node["depends_on"]["nodes"]:
+                tests.setdefault(parent, []).append(uid)
+    return tests
 
 
 def _watched_nodes(task: Any) -> list[str]:
     """The dbt nodes whose results a watcher task's log shows: a model's tests, or its own node."""
     unique_id = task.model_unique_id
-    return _tests_of(unique_id) if getattr(task, "is_test_sensor", False) else [unique_id]
+    return _tests_by_node().get(unique_id, []) if getattr(task, "is_test_sensor", False) else [unique_id]
 
 
 def _log_dbt_results(context: Mapping[str, Any], succeeded: bool) -> None:
@@ -268,7 +268,7 @@ def _log_dbt_results(context: Mapping[str, Any], succeeded: bool) -> None:
     if not getattr(task, "model_unique_id", None) or not producer:
         return
     for uid in _watched_nodes(task):
-        event = context["ti"].xcom_pull(task_ids=producer, key=_xcom_key(uid, "dbt_event")) or {}
+        event = context["ti"].xcom_pull(task_ids=producer, key=get_dbt_event_xcom_key(uid)) or {}
         status = event.get("status")
         if succeeded and status not in DBT_SUCCESS_STATUSES:
             # The task succeeded although the build's result was not a success: it ran dbt for its
