@@ -33,6 +33,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from bench.process_cpu import ProcessCpu, by_role
 from include.dbt_project import build_manifest, dbt_arguments, dbt_invocation
 from include.local_stack import airflow, runner
 from include.local_stack.postgres import free_port
@@ -229,15 +230,22 @@ def time_transform(settings: StackSettings, variant: str) -> tuple[float, dict[s
     # As `make run` does: ingestion by hand (nothing changed at the source), the transform on its
     # Assets. The first task after Airflow starts waits about 6 s before its first API call, once
     # per start; the ingestion takes that wait, and the transform is timed as a running Airflow runs it.
-    run = runner.trigger_pipeline(client, timeout=1800).transform
+    with ProcessCpu().measuring() as processes:  # ingestion and transform: CPU seconds per process
+        run = runner.trigger_pipeline(client, timeout=1800).transform
     run_id = run["dag_run_id"]
     if run["state"] != "success":
         raise SystemExit(f"transform in {variant} failed: "
                          f"{runner.failed_tasks(client, runner.TRANSFORM_DAG, run_id)}")  # fmt: skip
     rows = task_timeline(client, run)
     steps = print_timeline(settings, run, rows)
+    producers = [ti["id"] for ti in airflow.task_instances(client, runner.TRANSFORM_DAG, run_id)
+                 if ti["task_id"].endswith("producer_watcher")]  # fmt: skip
+    cpu = by_role(processes, producers)
+    print(f"CPU seconds during the ingestion and the transform ({run_seconds(run):.1f} s transform wall): "
+          + ", ".join(f"{role} {seconds}" for role, seconds in cpu.items()), flush=True)  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{run_id}.json").write_text(json.dumps({"run": run, "tasks": rows, "steps": steps}, indent=1))
+    (RESULTS / f"{run_id}.json").write_text(json.dumps({"run": run, "tasks": rows, "steps": steps, "cpu": cpu},
+                                                       indent=1))  # fmt: skip
     return run_seconds(run), steps
 
 

@@ -12,6 +12,10 @@ A project module changed since then (an edit while Airflow runs) is dropped in e
 process, which imports it afresh: a task never runs code older than its files.
 
 Set AIRFLOW_PRELOAD_TASK_MODULES=false to switch it off.
+
+In the triggerer: its execution API is made ready before the first trigger asks, and a dbt node task
+it ends as a success sends no callback request to the dag-processor when the task has no success
+callback (include/triggerer_setup.py).
 """
 
 from __future__ import annotations
@@ -80,6 +84,14 @@ def forget_changed_project_modules() -> None:
             sys.modules.pop(name, None)
         _project_modules.clear()
 
+
+if sys.argv[1:2] == ["triggerer"]:
+    try:  # the project root is on the path wherever the triggerer can import the node trigger itself
+        from include.triggerer_setup import install
+
+        install()
+    except Exception:  # never the triggerer's start: only the saving is lost
+        log.warning("could not set up the triggerer (include/triggerer_setup.py)", exc_info=True)
 
 if os.environ.get("AIRFLOW_PRELOAD_TASK_MODULES", "true").lower() != "false" and _forks_task_processes(sys.argv):
     os.register_at_fork(before=preload_task_modules, after_in_child=forget_changed_project_modules)

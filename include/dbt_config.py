@@ -33,6 +33,7 @@ from cosmos.dbt.selector import select_nodes
 from cosmos.operators._watcher.base import BaseConsumerSensor
 from cosmos.operators._watcher.state import get_dbt_event_xcom_key
 from cosmos.operators.local import DbtDocsLocalOperator
+from cosmos.operators.watcher import DbtProducerWatcherOperator
 from cosmos.profiles import BaseProfileMapping
 
 from include.dbt_project import (
@@ -50,6 +51,7 @@ from include.dbt_watcher import (
     dbt_result_line,
     defer_to_node_result_trigger,
     emit_built_assets,
+    queue_xcom_pushes,
 )
 from include.pipeline import WAREHOUSE_CONN_ID, database_dsn
 
@@ -391,8 +393,12 @@ def transform_task_group(group_id: str = "dbt", select: list[str] | None = None)
             "fix the selector (DBT_SELECT, dbt's syntax as Cosmos reads it: `source:<source>.<table>`) "
             "or run `make manifest` after changing dbt/"
         )
-    if DBT_EXECUTION_MODE == "watcher" and DBT_WATCHER_TASKS == "triggerer":
-        wait_in_triggerer(group)
+    if DBT_EXECUTION_MODE == "watcher":
+        for task in group.iter_tasks():
+            if isinstance(task, DbtProducerWatcherOperator):
+                queue_xcom_pushes(task)
+        if DBT_WATCHER_TASKS == "triggerer":
+            wait_in_triggerer(group)
     return group
 
 

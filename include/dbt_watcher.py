@@ -12,6 +12,11 @@ result and compiled SQL written to its task log: no second worker process. A fai
 task in a worker, where Cosmos' sensor raises (naming the node) and so runs the failure callbacks
 (the alert); a retry or a cleared task starts in a worker again and runs dbt for that node alone.
 
+The producer itself publishes each node's result as XComs from dbt's own threads, one API round
+trip at a time (Cosmos' `safe_xcom_push`, under one lock): at 50 ms a push and about six pushes a
+node, dbt's threads spent most of a large build waiting. `queue_xcom_pushes` hands those pushes to
+one thread of the producer, which sends the latest value of each key in order, so dbt never waits.
+
 All triggers of a triggerer share one pace (`POLLS_PER_SECOND`) and one read of each producer's
 state per second: with hundreds of nodes waiting, their polls would otherwise take the api-server's
 CPU from the build they wait for. The Asset event of each node the build made is emitted by one
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -40,9 +46,11 @@ from cosmos.operators._watcher.state import (
 )
 from cosmos.operators._watcher.triggerer import WatcherEventReason, WatcherTrigger
 
+from include.triggerer_setup import NODE_TRIGGER_CLASS, SUCCESS_CALLBACK_ARGUMENT
+
 logger = logging.getLogger(__name__)
 
-TRIGGER_CLASS = f"{__name__}.NodeResultTrigger"
+TRIGGER_CLASS = NODE_TRIGGER_CLASS
 DBT_SUCCESS_STATUSES = ("success", "pass", "warn")
 POLLS_PER_SECOND = 20  # node-result reads per second, all triggers of this triggerer process together
 
@@ -70,39 +78,76 @@ class _Pace:
 
 
 _pace = _Pace(POLLS_PER_SECOND)
-_producer_states: dict[tuple[str, str, str], tuple[float, str | None]] = {}
+# Reads shared by every trigger of a run: (dag_id, run_id, producer task, what) -> (read at, value).
+_shared: dict[tuple[str, ...], tuple[float, Any]] = {}
+_shared_locks: dict[tuple[str, ...], asyncio.Lock] = {}
+WAIT_STEP_S = 0.25  # a trigger's loop; what it reads is cached per run, so a step costs no API call
 
 
 class NodeResultTrigger(WatcherTrigger):
     """Cosmos' WatcherTrigger, paced, ending the task itself when its node succeeded or was skipped.
 
-    `watched` names the dbt nodes whose results the task log shows (a model's tests, or the node).
+    `watched` names the dbt nodes whose results the task log shows (a model's tests, or the node);
+    `success_callback` says whether the task has one: without, the triggerer ends it without a
+    callback request (include/triggerer_setup.py).
     """
 
-    def __init__(self, *, watched: list[str] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, watched: list[str] | None = None, success_callback: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.watched = list(watched or [self.model_unique_id])
+        self.success_callback = success_callback
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         _, kwargs = super().serialize()
-        return TRIGGER_CLASS, {**kwargs, "watched": self.watched}
+        return TRIGGER_CLASS, {**kwargs, "watched": self.watched, SUCCESS_CALLBACK_ARGUMENT: self.success_callback}
+
+    async def _shared_read(self, what: str, max_age: float, read: Any) -> Any:
+        """`read()`'s value, read at most once per `max_age` for all triggers of this run."""
+        key = (self.dag_id, self.run_id, self.producer_task_id, what)
+        async with _shared_locks.setdefault(key, asyncio.Lock()):
+            read_at, value = _shared.get(key, (0.0, None))
+            if time.monotonic() - read_at >= max_age:
+                await _pace.turn()
+                value = await read()
+                _shared[key] = (time.monotonic(), value)
+        if len(_shared) > 1000:  # the triggerer lives for many runs: forget runs not read for 10 minutes
+            for stale in [k for k, (at, _) in _shared.items() if time.monotonic() - at > 600]:
+                _shared.pop(stale, None)
+                _shared_locks.pop(stale, None)
+        return value
+
+    async def get_xcom_val(self, key: str) -> Any | None:
+        # Cosmos' own logs a line per read into the task's log; reads here are paced and shared.
+        return await self.get_xcom_val_af3(key)
 
     async def _producer_state(self) -> str | None:
         """The producer's state, read at most once per poke interval for all triggers of its run."""
-        key = (self.dag_id, self.run_id, self.producer_task_id)
-        read_at, state = _producer_states.get(key, (0.0, None))
-        if time.monotonic() - read_at >= self.poke_interval:
-            state = await self._get_producer_task_status()
-            _producer_states[key] = (time.monotonic(), state)
-        return state
+        return await self._shared_read("state", self.poke_interval, self._get_producer_task_status)
 
-    async def _node_status(self) -> str | None:
-        await _pace.turn()
+    def _result_key(self) -> str:
         if self.is_test_sensor:
             from cosmos.operators._watcher.aggregation import get_tests_status_xcom_key
 
-            return await self.get_xcom_val(get_tests_status_xcom_key(self.model_unique_id))
-        return await self._get_node_status()
+            return get_tests_status_xcom_key(self.model_unique_id)
+        return get_status_xcom_key(self.model_unique_id)
+
+    async def _node_status(self, *, unlisted_too: bool = False) -> str | None:
+        """The node's dbt status, once the producer lists it as published (or `unlisted_too`)."""
+        key = self._result_key()
+        if not unlisted_too:
+            published = await self._shared_read(
+                "published",
+                PUBLISHED_RESULTS_EVERY_S,
+                lambda: self.get_xcom_val(PUBLISHED_RESULTS_KEY),
+            )
+            if key not in (published or ()):
+                return None
+        await _pace.turn()
+        value = await self.get_xcom_val(key)
+        if self.is_test_sensor or value is None:
+            return value
+        self._outlet_uris = value.get("outlet_uris", [])
+        return value.get("status")
 
     async def _log_results(self) -> None:
         for unique_id in self.watched:
@@ -114,8 +159,9 @@ class NodeResultTrigger(WatcherTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         logger.info("waiting for the dbt result of %s from %s", self.model_unique_id, self.producer_task_id)
+        producer = None  # the producer's state once it ended: then every result is published
         while True:
-            status = await self._node_status()
+            status = await self._node_status(unlisted_too=producer is not None)
             if is_dbt_node_status_success(status):
                 await self._log_results()
                 yield TaskSuccessEvent()
@@ -128,18 +174,162 @@ class NodeResultTrigger(WatcherTrigger):
                 # The worker raises, naming the node, and runs the failure callbacks (the alert).
                 yield TriggerEvent({"status": EventStatus.FAILED, "reason": WatcherEventReason.NODE_FAILED})
                 return
-            producer = await self._producer_state()
+            if producer == ProducerTaskState.SUCCESS:
+                logger.info("the build finished without running %s (an ephemeral or empty model)", self.model_unique_id)
+                yield TaskSuccessEvent()
+                return
             if producer == ProducerTaskState.FAILED:
                 yield TriggerEvent({"status": EventStatus.FAILED, "reason": WatcherEventReason.PRODUCER_FAILED})
                 return
             if producer == ProducerTaskState.SKIPPED:
                 yield TriggerEvent({"status": EventStatus.FAILED, "reason": WatcherEventReason.PRODUCER_SKIPPED})
                 return
-            if producer == ProducerTaskState.SUCCESS and await self._node_status() is None:
-                logger.info("the build finished without running %s (an ephemeral or empty model)", self.model_unique_id)
-                yield TaskSuccessEvent()
-                return
-            await asyncio.sleep(self.poke_interval)
+            state = await self._producer_state()
+            if state in (ProducerTaskState.SUCCESS, ProducerTaskState.FAILED, ProducerTaskState.SKIPPED):
+                producer = state  # read the node's own key once more before deciding
+                continue
+            await asyncio.sleep(WAIT_STEP_S)
+
+
+# The XCom keys Cosmos' producer publishes per dbt node (`<unique_id with __>_<suffix>`).
+NODE_KEY_SUFFIXES = ("_dbt_event", "_status", "_compiled_sql", "_tests_status")
+# What the node tasks wait for: a model's `_status`, its tests' `_tests_status` (both end so).
+RESULT_KEY_SUFFIX = "_status"
+# One XCom listing every result key sent so far, so a waiting trigger reads one key a run, not its node's.
+PUBLISHED_RESULTS_KEY = "dbt_published_results"
+PUBLISHED_RESULTS_EVERY_S = 0.5
+# A node's dbt event while it runs (NodeStart, NodeCompiling, NodeExecuting): no task reads it, a
+# node's task logs the terminal one.
+RUNNING_NODE_STATUSES = frozenset({"started", "compiling", "executing", None})
+
+
+class QueuedXComPushes:
+    """A task instance's per-node XCom pushes, sent in order by one thread; callers never wait.
+
+    A key pushed again before it was sent is sent once, with its latest value, after every push
+    queued before that value (a reader who sees it also sees what was pushed earlier). Any other key
+    waits for the queue to empty and is sent at once, so it stays ordered after the node results.
+    `close()` sends everything left and raises the first failed push.
+
+    After sending node results it also sends `PUBLISHED_RESULTS_KEY`, the list of result keys sent
+    so far: when the queue runs empty, or every `PUBLISHED_RESULTS_EVERY_S` while it does not. A key
+    in that list has been sent.
+    """
+
+    def __init__(self, push: Any) -> None:
+        self._push = push
+        self._pending: dict[str, Any] = {}
+        self._in_flight = False
+        self._closed = False
+        self._error: BaseException | None = None
+        self._published: list[str] = []
+        self._published_sent_at = 0.0
+        self._published_pending = False
+        self._changed = threading.Condition()
+        self.sent = self.replaced = self.skipped = 0
+        self._thread = threading.Thread(target=self._send_all, name="cosmos-xcom-pushes", daemon=True)
+        self._thread.start()
+
+    def xcom_push(self, key: str, value: Any, **kwargs: Any) -> None:
+        if kwargs or "__" not in key or not key.endswith(NODE_KEY_SUFFIXES):
+            self.flush()
+            self._push(key=key, value=value, **kwargs)
+            return
+        if key.endswith("_dbt_event") and isinstance(value, dict) and value.get("status") in RUNNING_NODE_STATUSES:
+            self.skipped += 1
+            return
+        with self._changed:
+            if self._pending.pop(key, None) is not None:
+                self.replaced += 1
+            self._pending[key] = value
+            self._changed.notify_all()
+
+    def _send_all(self) -> None:
+        while True:
+            with self._changed:
+                while not self._pending and not self._closed and not self._published_pending:
+                    self._changed.wait()
+                if self._published_pending and (
+                    not self._pending or time.monotonic() - self._published_sent_at >= PUBLISHED_RESULTS_EVERY_S
+                ):
+                    key, value = PUBLISHED_RESULTS_KEY, list(self._published)
+                    self._published_pending, self._published_sent_at = False, time.monotonic()
+                elif self._pending:
+                    key = next(iter(self._pending))
+                    value = self._pending.pop(key)
+                else:
+                    return
+                self._in_flight = True
+            sent = False
+            try:
+                self._push(key=key, value=value)
+                sent = True
+            except BaseException as error:  # kept for close(); the rest is still sent
+                self._error = self._error or error
+            finally:
+                with self._changed:
+                    self._in_flight = False
+                    if sent:
+                        self.sent += 1
+                        if key.endswith(RESULT_KEY_SUFFIX):
+                            self._published.append(key)
+                            self._published_pending = True
+                    self._changed.notify_all()
+
+    def flush(self) -> None:
+        with self._changed:
+            while self._pending or self._in_flight or self._published_pending:
+                self._changed.wait()
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def _comms_are_thread_safe() -> bool:
+    """A task process talks to its supervisor through a CommsDecoder, whose `send` holds a lock; the
+    in-process comms of `dag.test()` do not, and drop the module's SUPERVISOR_COMMS while sending."""
+    from airflow.sdk.execution_time import task_runner
+    from airflow.sdk.execution_time.comms import CommsDecoder
+
+    return isinstance(getattr(task_runner, "SUPERVISOR_COMMS", None), CommsDecoder)
+
+
+def queue_xcom_pushes(producer: Any) -> None:
+    """Make the watcher producer publish its node results through `QueuedXComPushes`.
+
+    Every queued push is sent before the producer's `execute` returns or raises: its node tasks
+    read "the producer finished" as "every result is published".
+    """
+    execute = producer.execute
+
+    def execute_with_queued_pushes(context: Any, **kwargs: Any) -> Any:
+        ti = context["ti"]
+        if not _comms_are_thread_safe():  # `dag.test()` runs tasks in-process: Cosmos' own pushes
+            return execute(context, **kwargs)
+        queue = QueuedXComPushes(ti.xcom_push)
+        object.__setattr__(ti, "xcom_push", queue.xcom_push)  # the instance's own (a pydantic model's)
+        started = time.monotonic()
+        try:
+            return execute(context, **kwargs)
+        finally:
+            waited = time.monotonic()
+            try:
+                queue.close()
+            finally:
+                vars(ti).pop("xcom_push", None)
+                logger.info("node results published: %d XCom pushes (%d superseded before sending, %d running "
+                            "states not sent); the last sent %.1f s after dbt ended, %.1f s in all",
+                            queue.sent, queue.replaced, queue.skipped, time.monotonic() - waited,
+                            time.monotonic() - started)  # fmt: skip
+
+    producer.execute = execute_with_queued_pushes
 
 
 def defer_to_node_result_trigger(task: Any, watched: list[str]) -> None:
@@ -153,7 +343,9 @@ def defer_to_node_result_trigger(task: Any, watched: list[str]) -> None:
     def defer(*, trigger: Any, method_name: str, kwargs: dict[str, Any] | None = None, timeout: Any = None) -> None:
         if type(trigger) is WatcherTrigger:
             _, arguments = trigger.serialize()
-            trigger = NodeResultTrigger(**arguments, watched=watched)
+            trigger = NodeResultTrigger(
+                **arguments, watched=watched, success_callback=bool(task.on_success_callback)
+            )
         cosmos_defer(trigger=trigger, method_name=method_name, kwargs=kwargs, timeout=timeout)
 
     task.defer = defer

@@ -130,6 +130,19 @@ def test_the_transform_ran_one_dbt_build_and_each_node_task_logs_its_own_result(
     assert "dbt result of test.postgres_analytics.unique_fact_events_event_id" in test_log
 
 
+def test_node_tasks_ended_in_the_triggerer_sent_the_dag_processor_no_callback_request(stack, pipeline_run):
+    """Airflow sends one for every task a trigger ends; ours have no success callback to run."""
+    run_id = pipeline_run.transform["dag_run_id"]
+    logs = stack.settings.airflow_home / "logs" / f"dag_id={runner.TRANSFORM_DAG}" / f"run_id={run_id}"
+    ended_in_triggerer = [path.parent.name for path in logs.rglob("*.log")
+                          if "waiting for the dbt result of" in (text := path.read_text(errors="replace"))
+                          and "dbt result of" in text.split("waiting for the dbt result of", 1)[1]]  # fmt: skip
+    assert ended_in_triggerer, "no node task waited in the triggerer"
+    triggerer_log = (stack.settings.airflow_home / "logs" / "triggerer.log").read_text(errors="replace")
+    requests = [line for line in triggerer_log.splitlines() if "Sending callback" in line and run_id in line]
+    assert requests == []
+
+
 def test_marts_hold_the_values_computed_from_the_source(stack, pipeline_run):
     events = source_rows(stack, "select event_id, event_code, security_id, action_flag from public.edi_690")
     live = {event_id for event_id, _, _, flag in events if flag not in ("D", "C")}

@@ -1,0 +1,114 @@
+"""The watcher producer's XCom pushes, sent by one thread (include/dbt_watcher.py: QueuedXComPushes).
+
+The push function here records what reached it after a delay like the api-server's round trip; the
+real producer is run by the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from include.dbt_watcher import PUBLISHED_RESULTS_KEY, QueuedXComPushes
+
+
+class SlowApi:
+    """Records each push in the order it completes, after `delay` seconds, as the api-server would."""
+
+    def __init__(self, delay: float = 0.01, fail_on: str | None = None) -> None:
+        self.delay, self.fail_on = delay, fail_on
+        self.sent: list[tuple[str, object]] = []
+        self.lock = threading.Lock()
+
+    def push(self, key: str, value: object, **_: object) -> None:
+        time.sleep(self.delay)
+        if key == self.fail_on:
+            raise ConnectionError(f"api-server unreachable while pushing {key}")
+        with self.lock:
+            self.sent.append((key, value))
+
+    def keys(self) -> list[str]:
+        return [key for key, _ in self.sent]
+
+
+def test_dbt_threads_never_wait_for_the_api_and_every_result_is_sent_once_closed():
+    api = SlowApi(delay=0.05)
+    queue = QueuedXComPushes(api.push)
+    started = time.perf_counter()
+    for n in range(40):
+        queue.xcom_push(f"model__p__m{n}_status", {"status": "success", "outlet_uris": [f"uri{n}"]})
+    queued_in = time.perf_counter() - started
+    queue.close()
+    assert queued_in < 0.05, f"queueing 40 pushes took {queued_in:.3f} s: the caller waited for the API"
+    results = [(k, v) for k, v in api.sent if k != PUBLISHED_RESULTS_KEY]
+    assert results == [(f"model__p__m{n}_status", {"status": "success", "outlet_uris": [f"uri{n}"]}) for n in range(40)]
+    assert api.sent[-1] == (PUBLISHED_RESULTS_KEY, [f"model__p__m{n}_status" for n in range(40)])
+
+
+def test_a_key_pushed_again_before_it_was_sent_is_sent_once_with_its_latest_value_after_earlier_pushes():
+    api = SlowApi(delay=0.05)
+    queue = QueuedXComPushes(api.push)
+    queue.xcom_push("model__p__a_compiled_sql", "select 1")  # the drainer takes this one at once
+    queue.xcom_push("model__p__a_dbt_event", {"status": "error", "msg": "first"})
+    queue.xcom_push("model__p__b_compiled_sql", "select 2")
+    queue.xcom_push("model__p__a_dbt_event", {"status": "success", "msg": "SELECT 3"})
+    queue.close()
+    results = [(k, v) for k, v in api.sent if k != PUBLISHED_RESULTS_KEY]
+    assert results == [
+        ("model__p__a_compiled_sql", "select 1"),
+        ("model__p__b_compiled_sql", "select 2"),
+        ("model__p__a_dbt_event", {"status": "success", "msg": "SELECT 3"}),
+    ]
+    assert (queue.sent, queue.replaced) == (3, 1)
+
+
+def test_a_nodes_running_states_are_not_sent_only_its_terminal_event():
+    api = SlowApi()
+    queue = QueuedXComPushes(api.push)
+    for status in ("started", "compiling", "executing", "success"):
+        queue.xcom_push("model__p__a_dbt_event", {"status": status, "msg": None})
+    queue.close()
+    assert api.sent == [("model__p__a_dbt_event", {"status": "success", "msg": None})]
+    assert queue.skipped == 3
+
+
+def test_any_other_key_is_sent_at_once_after_the_queued_node_results():
+    api = SlowApi(delay=0.02)
+    queue = QueuedXComPushes(api.push)
+    for n in range(5):
+        queue.xcom_push(f"test__p__t{n}_status", {"status": "pass", "outlet_uris": []})
+    queue.xcom_push("task_status", "completed")  # not a node's key (no "__"): returns once it is sent
+    assert api.keys()[-1] == "task_status"
+    assert set(api.keys()[:-1]) >= {f"test__p__t{n}_status" for n in range(5)}
+    queue.close()
+
+
+def test_the_published_list_only_names_results_already_sent():
+    api = SlowApi(delay=0.005)
+    queue = QueuedXComPushes(api.push)
+    for n in range(30):
+        queue.xcom_push(f"model__p__m{n}_dbt_event", {"status": "success"})
+        queue.xcom_push(f"model__p__m{n}_status", {"status": "success", "outlet_uris": []})
+        queue.xcom_push(f"model__p__m{n}_tests_status", "pass")
+        time.sleep(0.003)
+    queue.close()
+    listings = [i for i, (key, _) in enumerate(api.sent) if key == PUBLISHED_RESULTS_KEY]
+    assert listings, "no list of published results was sent"
+    for i in listings:
+        listed = api.sent[i][1]
+        assert set(listed) <= set(api.keys()[:i]), f"listing {i} names a result not sent before it"
+        assert all(key.endswith("_status") for key in listed)
+    assert len(api.sent[listings[-1]][1]) == 60 and listings[-1] == len(api.sent) - 1
+
+
+def test_a_failed_push_is_raised_when_closing_and_the_other_results_are_still_sent():
+    api = SlowApi(fail_on="model__p__b_status")
+    queue = QueuedXComPushes(api.push)
+    for name in "abc":
+        queue.xcom_push(f"model__p__{name}_status", {"status": "success", "outlet_uris": []})
+    with pytest.raises(ConnectionError, match="model__p__b_status"):
+        queue.close()
+    assert [k for k in api.keys() if k != PUBLISHED_RESULTS_KEY] == ["model__p__a_status", "model__p__c_status"]
+    assert api.sent[-1] == (PUBLISHED_RESULTS_KEY, ["model__p__a_status", "model__p__c_status"])
