@@ -52,6 +52,7 @@ from include.dbt_watcher import (
     defer_to_node_result_trigger,
     emit_built_assets,
     queue_xcom_pushes,
+    say_what_dbt_found,
 )
 from include.pipeline import WAREHOUSE_CONN_ID, database_dsn
 
@@ -248,14 +249,53 @@ def render_config() -> RenderConfig:
 
 
 @functools.cache
+def _ancestors() -> dict[str, frozenset[str]]:
+    """Every node's upstream nodes, all the way up, from the manifest's parent map."""
+    parents_of = manifest().get("parent_map", {})
+    found: dict[str, frozenset[str]] = {}
+
+    def up(uid: str) -> frozenset[str]:
+        if uid not in found:
+            found[uid] = frozenset()  # a cycle (none in dbt) would stop here
+            direct = set(parents_of.get(uid, []))
+            found[uid] = frozenset(direct.union(*(up(parent) for parent in direct)))
+        return found[uid]
+
+    return {uid: up(uid) for uid in parents_of}
+
+
+def test_owners(test: Mapping[str, Any]) -> list[str]:
+    """The nodes a test's results count for: of its parents, those no other parent reads.
+
+    A `relationships` test on fact_events that refers to dim_securities checks fact_events: counted
+    under dim_securities too (Cosmos' rule), it kept dim_securities' test task waiting for the facts,
+    and failed it when the facts were skipped for another model's failure. A test whose parents do
+    not read each other counts for the model it is defined on, else for each of them.
+    """
+    parents = list(dict.fromkeys(test["depends_on"]["nodes"]))
+    ancestors = _ancestors()
+    owners = [p for p in parents if not any(p in ancestors.get(other, ()) for other in parents if other != p)]
+    if len(owners) > 1 and test.get("attached_node") in owners:
+        return [test["attached_node"]]
+    return owners or parents
+
+
+@functools.cache
 def _tests_by_node() -> dict[str, list[str]]:
-    """Each node's tests, from the manifest, built once per process (not once per test task)."""
+    """Each node's tests (`test_owners`), from the manifest, built once per process (not once per test task)."""
     tests: dict[str, list[str]] = {}
     for uid, node in sorted(manifest()["nodes"].items()):
         if node["resource_type"] == "test":
-            for parent in node["depends_on"]["nodes"]:
-                tests.setdefault(parent, []).append(uid)
+            for owner in test_owners(node):
+                tests.setdefault(owner, []).append(uid)
     return tests
+
+
+def count_tests_for_their_owners(producer: DbtProducerWatcherOperator) -> None:
+    """The producer reports a model's tests as done when those `test_owners` gives it are."""
+    owned = _tests_by_node()
+    producer.tests_per_model = {model: [t for t in tests if t in owned.get(model, [])]
+                                for model, tests in producer.tests_per_model.items()}  # fmt: skip
 
 
 def _watched_nodes(task: Any) -> list[str]:
@@ -397,6 +437,9 @@ def transform_task_group(group_id: str = "dbt", select: list[str] | None = None)
         for task in group.iter_tasks():
             if isinstance(task, DbtProducerWatcherOperator):
                 queue_xcom_pushes(task)
+                count_tests_for_their_owners(task)
+            elif isinstance(task, BaseConsumerSensor) and task.model_unique_id:
+                say_what_dbt_found(task, _watched_nodes(task))
         if DBT_WATCHER_TASKS == "triggerer":
             wait_in_triggerer(group)
     return group

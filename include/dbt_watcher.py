@@ -351,6 +351,41 @@ def defer_to_node_result_trigger(task: Any, watched: list[str]) -> None:
     task.defer = defer
 
 
+def failed_results(ti: Any, producer_task_id: str, watched: list[str]) -> list[str]:
+    """`<node name>: <dbt's message>` for each watched node the build reported as failed."""
+    found = []
+    for unique_id in watched:
+        event = ti.xcom_pull(task_ids=producer_task_id, key=get_dbt_event_xcom_key(unique_id)) or {}
+        if event.get("status") in ("fail", "error", "runtime error"):
+            found.append(f"{unique_id.split('.')[2]}: {event.get('msg') or event['status']}")
+    return found
+
+
+def say_what_dbt_found(task: Any, watched: list[str]) -> None:
+    """Make a node task that fails on its node's result say what dbt found, in its error (so in the alert).
+
+    Cosmos' sensors raise "dbt tests for model '…' failed. Review the producer task '…' logs": the
+    alert named the model but not the failing test nor what it found. The error now starts with
+    Cosmos' first sentence and goes on with each failed node's dbt message.
+    """
+    from airflow.sdk.exceptions import AirflowException
+
+    for name in ("execute", "execute_complete"):
+        cosmos_method = getattr(task, name)
+
+        def explained(context: Any, *args: Any, _cosmos_method: Any = cosmos_method, **kwargs: Any) -> Any:
+            try:
+                return _cosmos_method(context, *args, **kwargs)
+            except AirflowException as error:
+                found = failed_results(context["ti"], task.producer_task_id, watched)
+                if not found:
+                    raise
+                first = str(error).split(". Review", 1)[0].rstrip(".")
+                raise AirflowException(f"{first}: {'; '.join(found)}") from error
+
+        setattr(task, name, explained)
+
+
 def emit_built_assets(alias: str, producer_task_id: str, unique_ids: list[str], **context: Any) -> list[str]:
     """Emit the Asset event of every node among `unique_ids` that the producer's build made.
 

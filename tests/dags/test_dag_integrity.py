@@ -217,7 +217,7 @@ def test_watcher_node_tasks_wait_in_the_triggerer_and_one_task_emits_the_built_a
     from airflow.sdk.exceptions import TaskDeferred
     from cosmos.operators._watcher.triggerer import WatcherTrigger
 
-    from include.dbt_config import DBT_EXECUTION_MODE, DBT_WATCHER_TASKS
+    from include.dbt_config import DBT_EXECUTION_MODE, DBT_WATCHER_TASKS, test_owners
     from include.dbt_watcher import TRIGGER_CLASS
 
     if (DBT_EXECUTION_MODE, DBT_WATCHER_TASKS) != ("watcher", "triggerer"):
@@ -241,11 +241,13 @@ def test_watcher_node_tasks_wait_in_the_triggerer_and_one_task_emits_the_built_a
         assert kwargs["success_callback"] is False, task.task_id
         if task.task_id.endswith(".test"):
             tests = sorted(uid for uid, n in nodes.items()
-                           if n["resource_type"] == "test" and task.model_unique_id in n["depends_on"]["nodes"])
+                           if n["resource_type"] == "test" and task.model_unique_id in test_owners(n))
             assert kwargs["watched"] == tests and tests, task.task_id
         else:
             assert kwargs["watched"] == [task.model_unique_id]
     producer = dag.get_task("dbt.dbt_producer_watcher")
+    for model, tests in producer.tests_per_model.items():  # the producer counts the same tests per model
+        assert tests == [t for t in tests if model in test_owners(nodes[t])], model
     assert vars(producer)["execute"].__name__ == "execute_with_queued_pushes"  # its node results: QueuedXComPushes
     emitter = dag.get_task("dbt.emit_built_assets")
     assert emitter.upstream_task_ids == {"dbt.dbt_producer_watcher"}
@@ -253,6 +255,26 @@ def test_watcher_node_tasks_wait_in_the_triggerer_and_one_task_emits_the_built_a
     assert [type(o).__name__ for o in emitter.outlets] == ["AssetAlias"]
     built = {uid for uid, n in nodes.items() if n["resource_type"] in ("model", "snapshot", "seed")}
     assert built <= set(emitter.op_kwargs["unique_ids"])
+
+
+def test_a_test_of_several_models_counts_for_the_one_that_reads_the_others():
+    """Generated from the manifest: a test's owners are among its parents, none of them upstream of
+    another parent; a generic test between two models that do not read each other counts for the
+    model it is defined on. So dim_securities' tests never wait for the facts that refer to it."""
+    from include.dbt_config import _ancestors, test_owners
+
+    nodes, ancestors = _manifest()["nodes"], _ancestors()
+    tests = {uid: n for uid, n in nodes.items() if n["resource_type"] == "test"}
+    several = {uid: n for uid, n in tests.items() if len(set(n["depends_on"]["nodes"])) > 1}
+    assert several, "the demo project has tests of two models (relationships, singular tests)"
+    for uid, test in tests.items():
+        parents, owners = set(test["depends_on"]["nodes"]), test_owners(test)
+        assert owners and set(owners) <= parents, uid
+        assert not any(owner in ancestors.get(other, ()) for owner in owners for other in parents), uid
+        if len(parents) > 1 and test.get("attached_node"):
+            assert owners == [test["attached_node"]] or test["attached_node"] in ancestors.get(owners[0], ()), uid
+    dim = "model.postgres_analytics.dim_securities"
+    assert not [uid for uid, t in several.items() if dim in test_owners(t) and uid.split(".")[2].startswith("fact")]
 
 
 def test_sources_with_freshness_are_checked_from_the_manifest(dag_bag):
