@@ -170,6 +170,8 @@ class _Relation:
     uncovered: list[int] = field(default_factory=list)
     # The relation's columns are the target's, in the target's order.
     in_order: bool = False
+    # The key is one column, the relation's first.
+    key_first: bool = False
 
 
 @dataclass(slots=True)
@@ -224,6 +226,15 @@ class PgOutputDecoder:
         if (message[0] == _INSERT or (message[0] == _UPDATE and message[5] == _NEW)) and not self._skipping:
             relation = self.relations[_OID(message, 1)[0]]
             self.changes.messages += 1
+            if relation.key_first and message[8] == _TEXT:
+                # The key is the relation's first column: its value starts at byte 13 (kind, oid, 'N',
+                # column count, 't', size). The general path below handles what this one cannot.
+                end = 13 + _SIZE(message, 9)[0]
+                key = (message[13:end].decode(self.encoding),)
+                rows = self.changes.rows
+                if message[0] == _INSERT or message.find(b"u", end) < 0 or rows.get(key) is None:
+                    rows[key] = _Lazy(message, 6, relation)  # type: ignore[assignment]
+                    return
             if self._defer(message[0] == _INSERT, message, 6, relation):
                 return
             self.changes.messages -= 1  # counted again below
@@ -345,7 +356,8 @@ class PgOutputDecoder:
             slots.pop()
         uncovered = sorted(set(range(len(self.columns))) - set(targets))  # type: ignore[arg-type]
         in_order = targets == list(range(len(self.columns)))
-        self.relations[oid] = _Relation(columns, targets, slots, uncovered, in_order)
+        self.relations[oid] = _Relation(columns, targets, slots, uncovered, in_order,
+                                        slots == [0] and len(self.key_positions) == 1)
 
     def stage_rows(self, generated: Collection[str], encoding: str) -> Iterator[tuple[bytes, bool]]:
         """Each key's change as a row of the CDC stage in binary COPY format (the target's columns as text,
