@@ -15,12 +15,13 @@ position are skipped, so nothing is applied twice and nothing is missed.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import logging
 import re
 import struct
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,7 @@ from ._state import ensure_state_tables, forget_replication, read_cdc_states, re
 logger = logging.getLogger(__name__)
 
 _STAGE = "_copy_engine_cdc_stage"
+_COPY_BUFFER = 1 << 20  # bytes of stage rows sent per write
 PROGRESS_EVERY = 50_000  # decoded changes between progress lines
 # A stage this large gets statistics before the joins (a wrong plan would cost more than the ANALYZE);
 # below it the planner's estimate from the stage's size serves, and the ANALYZE was a tenth of a run.
@@ -141,6 +143,20 @@ _SIZE = struct.Struct("!i").unpack_from
 _OID = struct.Struct("!I").unpack_from
 _TEXT, _NULL, _UNCHANGED, _NEW = ord("t"), ord("n"), ord("u"), ord("N")
 _INSERT, _UPDATE = ord("I"), ord("U")
+# Binary COPY: the file's signature (no flags, no header extension), a row's field count, a NULL field,
+# the end of the data.
+_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+_FIELD_COUNT = struct.Struct("!h").pack
+_FIELD_SIZE = struct.Struct("!i").pack
+_NULL_FIELD = _FIELD_SIZE(-1)
+_COPY_TRAILER = _FIELD_COUNT(-1)
+_EMPTY_FIELD = _FIELD_SIZE(0)
+_DELETE_FIELD, _UPSERT_FIELD = _FIELD_SIZE(1) + b"d", _FIELD_SIZE(1) + b"u"
+
+
+def _text_field(value: str, encoding: str) -> bytes:
+    data = value.encode(encoding)
+    return _FIELD_SIZE(len(data)) + data
 
 
 @dataclass
@@ -150,9 +166,15 @@ class _Relation:
     targets: list[int | None] = field(default_factory=list)
     # Per relation column up to the last key column: its position in the key (-1: not a key column).
     key_slots: list[int] = field(default_factory=list)
+    # The target's columns the relation lacks: a change keeps the target's values there.
+    uncovered: list[int] = field(default_factory=list)
+    # The relation's columns are the target's, in the target's order.
+    in_order: bool = False
+    # The key is one column, the relation's first.
+    key_first: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Lazy:
     """A row not decoded yet: a later change of its key would make decoding it wasted work."""
 
@@ -163,7 +185,8 @@ class _Lazy:
 
 @dataclass
 class Changes:
-    """The changes of a batch coalesced per key: the last row of each key, or None for a deleted key."""
+    """The changes of a batch coalesced per key: the last row of each key (decoded, or the message it is in),
+    or None for a deleted key."""
 
     rows: dict[tuple[str | None, ...], list[Value] | None] = field(default_factory=dict)
     truncated: bool = False
@@ -180,7 +203,8 @@ class PgOutputDecoder:
 
     A key changed many times in a batch costs one decode: an insert or update is first read only up
     to its key and kept undecoded; a later change of the key replaces it unless that change leaves a
-    TOASTed value unchanged (then the two are decoded and merged). `result()` decodes what is left.
+    TOASTed value unchanged (then the two are decoded and merged). `stage_rows()` copies what is left
+    into the stage's COPY rows without decoding the values.
     """
 
     def __init__(self, columns: list[str], key: tuple[str, ...], skip_before: int,
@@ -197,19 +221,20 @@ class PgOutputDecoder:
         self.encoding = encoding
         self._skipping = False
 
-    def result(self) -> Changes:
-        """The coalesced changes, every row decoded."""
-        rows = self.changes.rows
-        for key, row in rows.items():
-            if isinstance(row, _Lazy):
-                rows[key] = self._tuple(row.message, row.position, row.relation)[0]
-        return self.changes
-
     def feed(self, message: bytes) -> None:
         # The common case first, in few steps: an insert, or an update that keeps its key.
         if (message[0] == _INSERT or (message[0] == _UPDATE and message[5] == _NEW)) and not self._skipping:
             relation = self.relations[_OID(message, 1)[0]]
             self.changes.messages += 1
+            if relation.key_first and message[8] == _TEXT:
+                # The key is the relation's first column: its value starts at byte 13 (kind, oid, 'N',
+                # column count, 't', size). The general path below handles what this one cannot.
+                end = 13 + _SIZE(message, 9)[0]
+                key = (message[13:end].decode(self.encoding),)
+                rows = self.changes.rows
+                if message[0] == _INSERT or message.find(b"u", end) < 0 or rows.get(key) is None:
+                    rows[key] = _Lazy(message, 6, relation)  # type: ignore[assignment]
+                    return
             if self._defer(message[0] == _INSERT, message, 6, relation):
                 return
             self.changes.messages -= 1  # counted again below
@@ -329,7 +354,81 @@ class PgOutputDecoder:
         slots = [self.key_positions.index(target) if target in self.key_positions else -1 for target in targets]
         while slots and slots[-1] < 0:
             slots.pop()
-        self.relations[oid] = _Relation(columns, targets, slots)
+        uncovered = sorted(set(range(len(self.columns))) - set(targets))  # type: ignore[arg-type]
+        in_order = targets == list(range(len(self.columns)))
+        self.relations[oid] = _Relation(columns, targets, slots, uncovered, in_order,
+                                        slots == [0] and len(self.key_positions) == 1)
+
+    def stage_rows(self, generated: Collection[str], encoding: str) -> Iterator[tuple[bytes, bool]]:
+        """Each key's change as a row of the CDC stage in binary COPY format (the target's columns as text,
+        `_op`, `_keep`), and whether it keeps a value of the target's.
+
+        `encoding`: the target session's client encoding. An undecoded row is copied from the message
+        without decoding it: pgoutput's text value (length, bytes) is already a binary COPY field of a
+        text column, when both sessions use one client encoding.
+        """
+        width = len(self.columns)
+        header = _FIELD_COUNT(width + 2)
+        skipped = {self.index[name] for name in generated if name in self.index}
+        raw = codecs.lookup(encoding).name == codecs.lookup(self.encoding).name
+        for row_key, row in self.changes.rows.items():
+            if row is None:
+                fields = [_NULL_FIELD] * width
+                for position, value in zip(self.key_positions, row_key, strict=True):
+                    fields[position] = _text_field(value, encoding)
+                yield b"".join((header, *fields, _DELETE_FIELD, _EMPTY_FIELD)), False
+                continue
+            if isinstance(row, _Lazy) and raw:
+                fields, kept = self._raw_fields(row, width)
+            else:
+                values = self._decoded(row)
+                fields = [_NULL_FIELD if value is None or value is KEEP else _text_field(value, encoding)
+                          for value in values]
+                kept = [position for position, value in enumerate(values) if value is KEEP]
+            kept = [position for position in kept if position not in skipped]
+            if kept:
+                flags = ["0"] * width
+                for position in kept:
+                    flags[position] = "1"
+                yield b"".join((header, *fields, _UPSERT_FIELD, _text_field("".join(flags), encoding))), True
+            else:
+                yield b"".join((header, *fields, _UPSERT_FIELD, _EMPTY_FIELD)), False
+
+    def _raw_fields(self, row: _Lazy, width: int) -> tuple[list[bytes], list[int]]:
+        """The binary COPY fields of an undecoded row, and the target columns it keeps (unchanged or not sent)."""
+        message, relation, at = row.message, row.relation, row.position + 2
+        size = _SIZE
+        kept = relation.uncovered
+        if relation.in_order:  # the common case in few steps: the relation's columns are the target's
+            fields: list[bytes] = []
+            append = fields.append
+            for _ in range(_COUNT(message, row.position)[0]):
+                kind = message[at]
+                if kind == _TEXT:
+                    end = at + 5 + size(message, at + 1)[0]
+                    append(message[at + 1:end])
+                    at = end
+                else:
+                    if kind == _UNCHANGED:
+                        kept = [*kept, len(fields)]
+                    append(_NULL_FIELD)
+                    at += 1
+            return fields, kept
+        targets = relation.targets
+        fields = [_NULL_FIELD] * width
+        for column in range(_COUNT(message, row.position)[0]):
+            kind = message[at]
+            target = targets[column] if column < len(targets) else None
+            if kind == _TEXT:
+                end = at + 5 + size(message, at + 1)[0]
+                if target is not None:
+                    fields[target] = message[at + 1:end]
+                at = end
+            else:
+                if kind == _UNCHANGED and target is not None:
+                    kept = [*kept, target]
+                at += 1
+        return fields, kept
 
     def _tuple(self, message: bytes, position: int, relation: _Relation) -> tuple[list[Value], int]:
         """A TupleData as the target's columns: columns the change lacks are KEEP (the target keeps them)."""
@@ -568,7 +667,7 @@ def _apply_changes(run: TableRun, name: str, stored: str) -> None:
         if count % PROGRESS_EVERY == 0:
             logger.info("%s: decoded %d change message(s), %d key(s) so far (%.0f/s)", table.name, count,
                         len(decoder.changes.rows), count / (time.monotonic() - started))
-    changes = decoder.result()
+    changes = decoder.changes
     report.rows_read = changes.messages
     logger.info("%s: %d change(s) in %d transaction(s) (%d already applied) up to %s: %d key(s) to write",
                 table.name, changes.messages, changes.transactions, changes.skipped_transactions, upto,
@@ -578,7 +677,7 @@ def _apply_changes(run: TableRun, name: str, stored: str) -> None:
     with run.data_transaction():
         run.prepare_target(need_key=True)
         run.set_lock_timeout()
-        _write(run, changes, generated)
+        _write(run, decoder, generated)
         report.watermark_after = upto
         write_state(run.tgt, report, None, replication_slot=name)
         run.record_committed()
@@ -674,11 +773,12 @@ def _compute_generated(run: TableRun, generated: dict[str, str], stage: sql.Comp
             "warehouse, or sync the table with mode full or incremental", table=run.table.name) from error
 
 
-def _write(run: TableRun, changes: Changes, generated: dict[str, str] | None = None) -> None:
-    """Apply the coalesced changes: deletes, then updates of the rows the target has, then inserts; then
-    the generated columns of the rows written."""
+def _write(run: TableRun, decoder: PgOutputDecoder, generated: dict[str, str] | None = None) -> None:
+    """Apply the coalesced changes: deletes, then an upsert of the rows that carry every value, then
+    updates of the rows that keep a TOASTed value of the target's; then the generated columns of the
+    rows written. Each statement reaches the target's rows through its key index."""
     generated = generated or {}
-    report, tgt, shape, plan = run.report, run.tgt, run.shape, run.plan
+    report, tgt, shape, changes = run.report, run.tgt, run.shape, decoder.changes
     target = run.names.target
     if changes.truncated:
         cursor = tgt.execute(sql.SQL("delete from {}").format(target))
@@ -687,20 +787,19 @@ def _write(run: TableRun, changes: Changes, generated: dict[str, str] | None = N
         return
     columns, key = shape.names, list(shape.primary_key)
     stage = sql.Identifier(_STAGE)
+    # `_keep`: per column, 1 where the change left a TOASTed value unchanged; empty when it carries every value.
     tgt.execute(sql.SQL("create temporary table {} ({}, _op text not null, _keep text not null) on commit drop")
                 .format(stage, sql.SQL(", ").join(sql.SQL("{} text").format(sql.Identifier(c)) for c in columns)))
-    with tgt.cursor().copy(sql.SQL("copy {} from stdin").format(stage)) as copy:
-        for row_key, row in changes.rows.items():
-            if row is None:
-                values: list[Any] = [None] * len(columns)
-                for position, name in enumerate(key):
-                    values[columns.index(name)] = row_key[position]
-                copy.write_row([*values, "d", ""])
-            else:
-                # A generated column is never sent: not a kept value, it is computed after the rows are written.
-                keep = "".join("1" if value is KEEP and name not in generated else "0"
-                               for name, value in zip(columns, row, strict=True))
-                copy.write_row([*(None if value is KEEP else value for value in row), "u", keep])
+    kept_rows = 0
+    with tgt.cursor().copy(sql.SQL("copy {} from stdin (format binary)").format(stage)) as copy:
+        buffer = bytearray(_COPY_SIGNATURE)
+        for data, keeps in decoder.stage_rows(generated, tgt.info.encoding):
+            buffer += data
+            kept_rows += keeps
+            if len(buffer) >= _COPY_BUFFER:
+                copy.write(buffer)
+                buffer = bytearray()
+        copy.write(buffer + _COPY_TRAILER)
     if len(changes.rows) > _ANALYZE_STAGE_FROM:
         tgt.execute(sql.SQL("analyze {}").format(stage))
 
@@ -711,6 +810,28 @@ def _write(run: TableRun, changes: Changes, generated: dict[str, str] | None = N
     deleted = tgt.execute(sql.SQL("delete from {} as t using {} as s where s._op = 'd' and {}").format(
         target, stage, match))
     report.rows_deleted += max(deleted.rowcount, 0)
+    inserted, updated = run.upsert(sql.SQL("select {} from {} as s where s._op = 'u' and s._keep = ''").format(
+        sql.SQL(", ").join(typed(name) for name in columns), stage), computed=generated)
+    report.rows_inserted += inserted
+    report.rows_updated += updated
+    if kept_rows:
+        _write_kept(run, stage, typed, match, generated)
+    if generated:
+        _compute_generated(run, generated, stage, typed)
+
+
+def _write_kept(run: TableRun, stage: sql.Identifier, typed: Callable[[str], sql.Composable], match: sql.Composable,
+                generated: dict[str, str]) -> None:
+    """Update the rows whose change left a TOASTed value unchanged: the target keeps its own value."""
+    report, tgt, shape, plan = run.report, run.tgt, run.shape, run.plan
+    columns, key = shape.names, list(shape.primary_key)
+    lacking = tgt.execute(sql.SQL("select {} from {} as s where s._keep <> '' and not exists "
+                                  "(select from {} as t where {}) limit 1").format(
+        column_list(key, "s"), stage, run.names.target, match)).fetchone()
+    if lacking is not None:
+        raise TerminalError(f"an update of key {list(lacking)} left a TOASTed value unchanged, but the target has no "
+                            "row for that key; it was changed outside the engine: drop the target table to copy it "
+                            "again", table=run.table.name)
     values = [name for name in columns if name not in key and name not in generated]
     kept = {name: sql.SQL("substr(s._keep, {}, 1) = '1'").format(sql.Literal(columns.index(name) + 1))
             for name in values}
@@ -721,21 +842,9 @@ def _write(run: TableRun, changes: Changes, generated: dict[str, str] | None = N
         sql.Identifier(name), kept[name], typed(name)) for name in values]
     changed += [sql.SQL("t.{} is not null").format(sql.Identifier(name)) for name in plan.extra_columns]
     if setters and changed:
-        updated = tgt.execute(sql.SQL("update {} as t set {} from {} as s where s._op = 'u' and {} and ({})").format(
-            target, sql.SQL(", ").join(setters), stage, match, sql.SQL(" or ").join(changed)))
+        updated = tgt.execute(sql.SQL("update {} as t set {} from {} as s where s._keep <> '' and {} and ({})").format(
+            run.names.target, sql.SQL(", ").join(setters), stage, match, sql.SQL(" or ").join(changed)))
         report.rows_updated += max(updated.rowcount, 0)
-    missing = sql.SQL("s._op = 'u' and not exists (select from {} as t where {})").format(target, match)
-    lacking = tgt.execute(sql.SQL("select {} from {} as s where {} and s._keep like '%%1%%' limit 1").format(
-        column_list(key, "s"), stage, missing)).fetchone()
-    if lacking is not None:
-        raise TerminalError(f"an update of key {list(lacking)} left a TOASTed value unchanged, but the target has no "
-                            "row for that key; it was changed outside the engine: drop the target table to copy it "
-                            "again", table=run.table.name)
-    inserted = tgt.execute(sql.SQL("insert into {} ({}) select {} from {} as s where {}").format(
-        target, column_list(columns), sql.SQL(", ").join(typed(name) for name in columns), stage, missing))
-    report.rows_inserted += max(inserted.rowcount, 0)
-    if generated:
-        _compute_generated(run, generated, stage, typed)
 
 
 # --- removing what a table taken out of the configuration left on the source ---------------------

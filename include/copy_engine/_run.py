@@ -12,7 +12,7 @@ import datetime as dt
 import logging
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
@@ -335,6 +335,47 @@ class TableRun:
 
     def set_lock_timeout(self) -> None:
         self.tgt.execute("select set_config('lock_timeout', %s, true)", (f"{int(self.table.lock_timeout_s * 1000)}ms",))
+
+    def upsert(self, rows: sql.Composable, *, computed: Collection[str] = ()) -> tuple[int, int]:
+        """Write `rows` (a select of the plan's columns, at most one row per key) into the target: a new key
+        is inserted, a known one updated where a value differs; returns (inserted, updated).
+
+        Each row finds its key through the target's key index (the insert's conflict check), so the cost
+        follows the rows written, not the table. Rows whose values are all equal are not rewritten.
+        `computed` columns are written by the insert only: the caller computes them after.
+        """
+        names, plan, shape = self.names, self.plan, self.shape
+        key = list(shape.primary_key)
+        values = [c for c in plan.columns if c not in key and c not in computed]
+        # Columns the source no longer has, and the soft-delete mark, are reset on every written row.
+        reset = list(plan.extra_columns)
+        setters = [sql.SQL("{0} = excluded.{0}").format(sql.Identifier(c)) for c in values]
+        setters += [sql.SQL("{} = null").format(sql.Identifier(c)) for c in reset]
+        # Text comparison: exact for every type (also -0 vs 0, 1.0 vs 1.00) and works for json and xml,
+        # which have no equality operator.
+        changed = [sql.SQL("({} is distinct from {})").format(shape.as_text(c, "t"), shape.as_text(c, "excluded"))
+                   for c in values]
+        changed += [sql.SQL("t.{} is not null").format(sql.Identifier(c)) for c in reset]
+        if setters:
+            action: sql.Composable = sql.SQL("do update set {} where {}").format(
+                sql.SQL(", ").join(setters), sql.SQL(" or ").join(changed) if changed else sql.SQL("false"))
+        else:
+            action = sql.SQL("do nothing")
+        # `overriding system value`: a target made by hand may keep the source's identity columns, which
+        # COPY writes and an insert would refuse.
+        query = sql.SQL(
+            """with written as (
+                   insert into {target} as t ({columns}) overriding system value
+                   {rows}
+                   on conflict ({key}) {action}
+                   returning (xmax = 0) as inserted
+               )
+               select count(*) filter (where inserted), count(*) filter (where not inserted) from written"""
+        ).format(target=names.target, columns=column_list(plan.columns), rows=rows, key=column_list(key),
+                 action=action)
+        row = self.tgt.execute(query).fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1])
 
     def replace_rows(self, load: Callable[[], int], key_changes: Callable[[TableRun], tuple[int, int]]) -> int:
         """Replace the target's rows in place: lock it, drop its key, TRUNCATE, `load()`, rebuild the key.

@@ -146,39 +146,10 @@ def _copy_changes(run: TableRun) -> None:
 
 
 def _upsert(run: TableRun, cursor: sql.Identifier) -> tuple[int, int]:
-    names, plan = run.names, run.plan
-    key = list(run.shape.primary_key)
-    values = [c for c in plan.columns if c not in key]
-    # Columns the source no longer has, and the soft-delete mark, are reset on every written row.
-    reset = list(plan.extra_columns)
-    setters = [sql.SQL("{0} = excluded.{0}").format(sql.Identifier(c)) for c in values]
-    setters += [sql.SQL("{} = null").format(sql.Identifier(c)) for c in reset]
-    # Text comparison: exact for every type (also -0 vs 0, 1.0 vs 1.00) and works for json and xml,
-    # which have no equality operator.
-    shape = run.shape
-    changed = [sql.SQL("({} is distinct from {})").format(shape.as_text(c, "t"), shape.as_text(c, "excluded"))
-               for c in values]
-    changed += [sql.SQL("t.{} is not null").format(sql.Identifier(c)) for c in reset]
-    if setters:
-        action: sql.Composable = sql.SQL("do update set {} where {}").format(
-            sql.SQL(", ").join(setters), sql.SQL(" or ").join(changed) if changed else sql.SQL("false"))
-    else:
-        action = sql.SQL("do nothing")
-    query = sql.SQL(
-        """with written as (
-               insert into {target} as t ({columns}) overriding system value
-               select distinct on ({key}) {columns} from {stage}
-               order by {key}, {cursor} desc nulls last
-               on conflict ({key}) {action}
-               returning (xmax = 0) as inserted
-           )
-           select count(*) filter (where inserted), count(*) filter (where not inserted) from written"""
-    ).format(target=names.target, columns=column_list(plan.columns), key=column_list(key),
-             stage=sql.Identifier(_STAGE), cursor=cursor, action=action)
-    # `overriding system value`: a target made by hand may keep the source's identity columns, which
-    # COPY writes and an insert would refuse. The batch is sorted by key in memory (at the default
-    # 4MB a 1% batch of 2M rows sorted on disk).
+    """Upsert the staged rows, the latest of each key by the cursor column."""
+    key = column_list(run.shape.primary_key)
+    rows = sql.SQL("select distinct on ({key}) {columns} from {stage} order by {key}, {cursor} desc nulls last").format(
+        key=key, columns=column_list(run.plan.columns), stage=sql.Identifier(_STAGE), cursor=cursor)
+    # The batch is sorted by key in memory (at the default 4MB a 1% batch of 2M rows sorted on disk).
     run.tgt.execute("select set_config('work_mem', '64MB', true)")
-    row = run.tgt.execute(query).fetchone()
-    assert row is not None
-    return int(row[0]), int(row[1])
+    return run.upsert(rows)
