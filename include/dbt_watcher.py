@@ -26,6 +26,7 @@ task of the group as soon as the build ends (`emit_built_assets`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -352,12 +353,18 @@ def defer_to_node_result_trigger(task: Any, watched: list[str]) -> None:
 
 
 def failed_results(ti: Any, producer_task_id: str, watched: list[str]) -> list[str]:
-    """`<node name>: <dbt's message>` for each watched node the build reported as failed."""
+    """`<node name>: <dbt's message>` for each watched node the build did not report as a success.
+
+    dbt's last event for a failed test is its error summary, which has the message but no status
+    (and the producer's retry restores that one), so a message without a status counts as well.
+    """
     found = []
     for unique_id in watched:
         event = ti.xcom_pull(task_ids=producer_task_id, key=get_dbt_event_xcom_key(unique_id)) or {}
-        if event.get("status") in ("fail", "error", "runtime error"):
-            found.append(f"{unique_id.split('.')[2]}: {event.get('msg') or event['status']}")
+        status, message = event.get("status"), event.get("msg")
+        if status in DBT_SUCCESS_STATUSES or is_dbt_node_status_skipped(status) or not (status or message):
+            continue
+        found.append(f"{unique_id.split('.')[2]}: {message or status}")
     return found
 
 
@@ -373,6 +380,8 @@ def say_what_dbt_found(task: Any, watched: list[str]) -> None:
     for name in ("execute", "execute_complete"):
         cosmos_method = getattr(task, name)
 
+        # Cosmos defers naming `self.execute_complete.__name__`: the wrapper keeps the name.
+        @functools.wraps(cosmos_method)
         def explained(context: Any, *args: Any, _cosmos_method: Any = cosmos_method, **kwargs: Any) -> Any:
             try:
                 return _cosmos_method(context, *args, **kwargs)

@@ -228,6 +228,10 @@ def test_watcher_node_tasks_wait_in_the_triggerer_and_one_task_emits_the_built_a
     assert len(node_tasks) >= len([n for n in nodes.values() if n["resource_type"] in ("model", "snapshot", "seed")])
     for task in node_tasks:
         assert (task.deferrable, task.poke_interval, task.emit_datasets) == (True, 1, False), task.task_id
+        # Wrapped to say what dbt found on failure, under their own names: Airflow resumes a deferred
+        # task by the method name it deferred with.
+        assert (task.execute.__name__, task.execute_complete.__name__) == ("execute", "execute_complete")
+        assert "dbt_watcher" in task.execute_complete.__code__.co_filename, task.task_id
         cosmos_trigger = WatcherTrigger(model_unique_id=task.model_unique_id, producer_task_id=task.producer_task_id,
                                         dag_id=dag.dag_id, run_id="a_run", map_index=-1, poke_interval=1,
                                         is_test_sensor=task.is_test_sensor)  # fmt: skip
