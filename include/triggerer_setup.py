@@ -5,7 +5,7 @@ reads (XComs, task states) through an in-process copy of Airflow's execution API
 versioned routes (Cadwyn) on the first request: 15-18 s of CPU on this 2-core machine, so the first
 dbt node tasks to wait in a freshly started triggerer (the sources, at the head of the graph) waited
 that long for their first read, on the transform's critical path. `warm_in_process_execution_api`
-sends that first request from a thread as soon as the API is made.
+sends that first request from a thread as soon as the triggerer starts.
 
 **A dbt node task ended there as a success sends no callback request.** Airflow 3.3 sends a
 success callback request to the dag-processor for every task a trigger ends
@@ -40,36 +40,35 @@ def install() -> None:
 
 
 def warm_in_process_execution_api() -> None:
-    """Make the triggerer's in-process execution API build its routes at once, from a thread."""
+    """Make the triggerer's in-process execution API build its routes as the triggerer starts.
+
+    The triggerer makes its API client on its triggers' first read; here a thread makes it (and
+    sends it one request) right after the triggerer's supervisor starts.
+    """
     try:
-        from airflow.jobs import triggerer_job_runner
+        from airflow.jobs.triggerer_job_runner import TriggerRunnerSupervisor
     except Exception:
         log.warning("could not warm the triggerer's execution API", exc_info=True)
         return
-    make_api = triggerer_job_runner.in_process_api_server
-    if getattr(make_api, "warms", False):
+    airflow_start = TriggerRunnerSupervisor.start
+    if getattr(airflow_start, "warms", False):
         return
 
-    def in_process_api_server() -> Any:
-        api = make_api()
-        transport = api.transport  # made here, once: the triggerer's own client takes this one
+    def first_request(supervisor: Any) -> None:
+        started = time.perf_counter()
+        try:
+            supervisor.client.get("health")  # made once (a cached property), built by its first request
+            log.info("the triggerer's execution API is ready (%.1fs)", time.perf_counter() - started)
+        except Exception:  # the first trigger's read builds it then, as without this
+            log.warning("could not warm the triggerer's execution API", exc_info=True)
 
-        def first_request() -> None:
-            import httpx
+    def start(*args: Any, **kwargs: Any) -> Any:
+        supervisor = airflow_start(*args, **kwargs)
+        threading.Thread(target=first_request, args=(supervisor,), name="warm-execution-api", daemon=True).start()
+        return supervisor
 
-            started = time.perf_counter()
-            try:
-                with httpx.Client(transport=transport, base_url="http://in-process.invalid./") as client:
-                    client.get("/health")
-                log.info("the triggerer's execution API is ready (%.1fs)", time.perf_counter() - started)
-            except Exception:  # the first trigger's read builds it then, as without this
-                log.warning("could not warm the triggerer's execution API", exc_info=True)
-
-        threading.Thread(target=first_request, name="warm-execution-api", daemon=True).start()
-        return api
-
-    in_process_api_server.warms = True  # type: ignore[attr-defined]
-    triggerer_job_runner.in_process_api_server = in_process_api_server
+    start.warms = True  # type: ignore[attr-defined]
+    TriggerRunnerSupervisor.start = staticmethod(start)  # type: ignore[method-assign, assignment]
 
 
 def end_node_tasks_without_callback_requests() -> None:
