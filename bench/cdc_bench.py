@@ -63,16 +63,22 @@ def main() -> None:
     (out / "cdc.json").write_text(json.dumps(results, indent=2))
 
 
-def measure(source_admin: str, target_admin: str, args: argparse.Namespace) -> dict[str, object]:
+def bench_databases(source_admin: str, target_admin: str, rows: int) -> tuple[str, str]:
+    """The source database with the generated table (its cursor column indexed) and an empty warehouse."""
     source = create_database(source_admin, "bench_source")
     target = create_database(target_admin, "bench_warehouse")
     # Decoding reads flushed WAL only; the throwaway server commits asynchronously otherwise.
     execute(source_admin, "alter database bench_source set synchronous_commit = on")
-    print(f"generating {args.rows} rows ...", file=sys.stderr)
+    print(f"generating {rows} rows ...", file=sys.stderr)
     execute(source, TABLE_DDL)
-    execute(source, TABLE_ROWS, (args.rows,))
+    execute(source, TABLE_ROWS, (rows,))
     execute(source, "create index bench_updated_at on public.bench (updated_at)")
     execute(source, "vacuum analyze public.bench")
+    return source, target
+
+
+def measure(source_admin: str, target_admin: str, args: argparse.Namespace) -> dict[str, object]:
+    source, target = bench_databases(source_admin, target_admin, args.rows)
 
     def table(name: str, **settings: object) -> TableConfig:
         return TableConfig(name=name, source="public.bench", target=f"raw.{name}", validate=False,

@@ -29,10 +29,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from bench.cdc_bench import logical_server
-from bench.copy_engine_bench import TABLE_DDL, TABLE_ROWS, execute, settle
+from bench.cdc_bench import bench_databases, logical_server
+from bench.copy_engine_bench import execute, settle
 from include.copy_engine import TableConfig, _api, _cdc, _keys, _run, _sync, sync_table
-from include.local_stack.postgres import EmbeddedPostgres, create_database, free_port
+from include.local_stack.postgres import EmbeddedPostgres, free_port
 
 
 class Profile:
@@ -186,14 +186,7 @@ def main() -> None:
 
 
 def profile(source_admin: str, target_admin: str, args: argparse.Namespace) -> None:
-    source = create_database(source_admin, "bench_source")
-    target = create_database(target_admin, "bench_warehouse")
-    execute(source_admin, "alter database bench_source set synchronous_commit = on")
-    print(f"generating {args.rows} rows ...", file=sys.stderr)
-    execute(source, TABLE_DDL)
-    execute(source, TABLE_ROWS, (args.rows,))
-    execute(source, "create index bench_updated_at on public.bench (updated_at)")
-    execute(source, "vacuum analyze public.bench")
+    source, target = bench_databases(source_admin, target_admin, args.rows)
 
     def table(name: str, **settings: Any) -> TableConfig:
         return TableConfig(name=name, source="public.bench", target=f"raw.{name}", validate=False, **settings)
