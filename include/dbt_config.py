@@ -53,6 +53,7 @@ from include.dbt_watcher import (
     emit_built_assets,
     queue_xcom_pushes,
     say_what_dbt_found,
+    start_in_triggerer,
 )
 from include.pipeline import WAREHOUSE_CONN_ID, database_dsn
 
@@ -225,14 +226,16 @@ if DBT_TEST_BEHAVIOR == "build" and DBT_EXECUTION_MODE == "watcher":
 
 # Each node's task asks for its node's result every second (Cosmos' default, every 10 s, adds
 # seconds to every step of the chain). DBT_WATCHER_TASKS says where a task waits for a node the
-# build has not reached yet: `triggerer` (default): deferred to the one triggerer process, which
-# ends the task there when the node succeeded (include/dbt_watcher.py); `worker`: in its own worker
-# process, polling. The README has the measurements.
-WATCHER_TASK_PLACES = ("triggerer", "worker")
-DBT_WATCHER_TASKS = os.environ.get("DBT_WATCHER_TASKS", "triggerer")
+# build has not reached yet: `deferred` (default): it starts in a worker, which ends it when its node
+# is done already, else defers to the one triggerer process, which ends the task there when the node
+# succeeded (include/dbt_watcher.py); `triggerer`: it starts in the triggerer (`start_from_trigger`),
+# no worker process unless it fails or is retried (measured faster at 50 models, slower on the demo's
+# longer chain: the README); `worker`: in its own worker process, polling.
+WATCHER_TASK_PLACES = ("triggerer", "deferred", "worker")
+DBT_WATCHER_TASKS = os.environ.get("DBT_WATCHER_TASKS", "deferred")
 if DBT_WATCHER_TASKS not in WATCHER_TASK_PLACES:
     raise ValueError(f"DBT_WATCHER_TASKS={DBT_WATCHER_TASKS!r}: choose one of {', '.join(WATCHER_TASK_PLACES)}")
-WATCHER_SENSOR_ARGS = {"poke_interval": 1, "deferrable": DBT_WATCHER_TASKS == "triggerer"}
+WATCHER_SENSOR_ARGS = {"poke_interval": 1, "deferrable": DBT_WATCHER_TASKS != "worker"}
 
 
 def render_config() -> RenderConfig:
@@ -337,6 +340,8 @@ def wait_in_triggerer(group: DbtTaskGroup) -> list[str]:
         if not task.is_test_sensor:
             built_nodes.append(task.model_unique_id)
         defer_to_node_result_trigger(task, _watched_nodes(task))
+        if DBT_WATCHER_TASKS == "triggerer":
+            start_in_triggerer(task, _watched_nodes(task))
         task.emit_datasets = False  # a task ended in the triggerer emits nothing: emit_built_assets does
         changed.append(task.task_id)
     if producer is not None:
@@ -440,7 +445,7 @@ def transform_task_group(group_id: str = "dbt", select: list[str] | None = None)
                 count_tests_for_their_owners(task)
             elif isinstance(task, BaseConsumerSensor) and task.model_unique_id:
                 say_what_dbt_found(task, _watched_nodes(task))
-        if DBT_WATCHER_TASKS == "triggerer":
+        if DBT_WATCHER_TASKS != "worker":
             wait_in_triggerer(group)
     return group
 

@@ -37,6 +37,7 @@ from airflow.sdk import Asset, AssetAlias
 from airflow.triggers.base import TaskSkippedEvent, TaskSuccessEvent, TriggerEvent
 from cosmos.listeners.dag_run_listener import EventStatus
 from cosmos.operators._watcher.state import (
+    PRODUCER_FINAL_STATES,
     ProducerTaskState,
     get_compiled_sql_xcom_key,
     get_dbt_event_xcom_key,
@@ -93,14 +94,32 @@ class NodeResultTrigger(WatcherTrigger):
     callback request (include/triggerer_setup.py).
     """
 
-    def __init__(self, *, watched: list[str] | None = None, success_callback: bool = True, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(
+        self,
+        *,
+        watched: list[str] | None = None,
+        success_callback: bool = True,
+        dag_id: str = "",
+        run_id: str = "",
+        map_index: int | None = -1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(dag_id=dag_id, run_id=run_id, map_index=map_index, **kwargs)
         self.watched = list(watched or [self.model_unique_id])
         self.success_callback = success_callback
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         _, kwargs = super().serialize()
         return TRIGGER_CLASS, {**kwargs, "watched": self.watched, SUCCESS_CALLBACK_ARGUMENT: self.success_callback}
+
+    def _started_by_scheduler(self) -> bool:
+        """Whether the scheduler started this trigger (`start_from_trigger`): then the arguments fixed
+        when the DAG was parsed have no run, and the task instance the triggerer hands over has it."""
+        if self.run_id or self.task_instance is None:
+            return False
+        self.dag_id, self.run_id = self.task_instance.dag_id, self.task_instance.run_id
+        self.map_index = self.task_instance.map_index
+        return True
 
     async def _shared_read(self, what: str, max_age: float, read: Any) -> Any:
         """`read()`'s value, read at most once per `max_age` for all triggers of this run."""
@@ -159,6 +178,14 @@ class NodeResultTrigger(WatcherTrigger):
                 logger.info("compiled SQL of %s:\n%s", self.model_unique_id, compiled_sql)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        if self._started_by_scheduler() and int(self.task_instance.try_number or 1) > 1:
+            # A retry or a cleared task: as Cosmos' sensor, once the build is over the worker runs
+            # dbt for this node alone (while it runs, the task waits for the build's result).
+            if await self._producer_state() in PRODUCER_FINAL_STATES:
+                try_number = self.task_instance.try_number
+                logger.info("try %s: a worker runs dbt for %s alone", try_number, self.model_unique_id)
+                yield TriggerEvent({"status": EventStatus.FAILED, "reason": RERUN_IN_WORKER})
+                return
         logger.info("waiting for the dbt result of %s from %s", self.model_unique_id, self.producer_task_id)
         producer = None  # the producer's state once it ended: then every result is published
         while True:
@@ -198,7 +225,7 @@ NODE_KEY_SUFFIXES = ("_dbt_event", "_status", "_compiled_sql", "_tests_status")
 RESULT_KEY_SUFFIX = "_status"
 # One XCom listing every result key sent so far, so a waiting trigger reads one key a run, not its node's.
 PUBLISHED_RESULTS_KEY = "dbt_published_results"
-PUBLISHED_RESULTS_EVERY_S = 0.5
+PUBLISHED_RESULTS_EVERY_S = 0.25
 # A node's dbt event while it runs (NodeStart, NodeCompiling, NodeExecuting): no task reads it, a
 # node's task logs the terminal one.
 RUNNING_NODE_STATUSES = frozenset({"started", "compiling", "executing", None})
@@ -331,6 +358,47 @@ def queue_xcom_pushes(producer: Any) -> None:
                             time.monotonic() - started)  # fmt: skip
 
     producer.execute = execute_with_queued_pushes
+
+
+# The event that resumes a retried or cleared task in a worker, which runs dbt for its node alone.
+RERUN_IN_WORKER = "rerun_in_worker"
+
+
+def start_in_triggerer(task: Any, watched: list[str]) -> None:
+    """Make a Cosmos watcher sensor start as a NodeResultTrigger (`start_from_trigger`): the scheduler
+    hands it to the triggerer without a worker process. Only what is known when the DAG is parsed is
+    fixed here; the trigger takes its run from the task instance.
+
+    The task resumes in a worker only to fail (Cosmos' `execute_complete` raises, naming the node, and
+    the failure callbacks alert) or, when retried or cleared, to run dbt for its node alone (Cosmos'
+    `execute`, which on a later try falls back to a per-node run once the build is over).
+    """
+    from airflow.triggers.base import StartTriggerArgs
+
+    task.start_from_trigger = True
+    task.start_trigger_args = StartTriggerArgs(
+        trigger_cls=TRIGGER_CLASS,
+        trigger_kwargs={
+            "model_unique_id": task.model_unique_id,
+            "producer_task_id": task.producer_task_id,
+            "poke_interval": float(task.poke_interval),
+            "is_test_sensor": task.is_test_sensor,
+            "watched": watched,
+            SUCCESS_CALLBACK_ARGUMENT: bool(task.on_success_callback),
+        },
+        next_method="execute_complete",
+        next_kwargs=None,
+        timeout=task.execution_timeout,
+    )
+    cosmos_execute_complete = task.execute_complete
+
+    @functools.wraps(cosmos_execute_complete)
+    def execute_complete(context: Any, event: dict[str, Any], **kwargs: Any) -> Any:
+        if (event or {}).get("reason") == RERUN_IN_WORKER:
+            return task.execute(context)
+        return cosmos_execute_complete(context, event, **kwargs)
+
+    task.execute_complete = execute_complete
 
 
 def defer_to_node_result_trigger(task: Any, watched: list[str]) -> None:

@@ -207,7 +207,8 @@ def test_transform_renders_every_dbt_node_once_in_one_group_by_folder_after_its_
         producers = [t for t in dag.task_ids if t.endswith("dbt_producer_watcher")]
         assert producers == ["dbt.dbt_producer_watcher"], "one dbt build for the whole project"
         sensor = dag.get_task(task_of[next(iter(nodes))])
-        assert (sensor.poke_interval, sensor.deferrable) == (1, DBT_WATCHER_TASKS == "triggerer")
+        assert (sensor.poke_interval, sensor.deferrable) == (1, DBT_WATCHER_TASKS != "worker")
+        assert sensor.start_from_trigger is (DBT_WATCHER_TASKS == "triggerer")
 
 
 def test_watcher_node_tasks_wait_in_the_triggerer_and_one_task_emits_the_built_assets(dag_bag):
@@ -220,11 +221,15 @@ def test_watcher_node_tasks_wait_in_the_triggerer_and_one_task_emits_the_built_a
     from include.dbt_config import DBT_EXECUTION_MODE, DBT_WATCHER_TASKS, test_owners
     from include.dbt_watcher import TRIGGER_CLASS
 
-    if (DBT_EXECUTION_MODE, DBT_WATCHER_TASKS) != ("watcher", "triggerer"):
-        pytest.skip("the node tasks wait in the triggerer only in the default watcher mode")
+    if DBT_EXECUTION_MODE != "watcher" or DBT_WATCHER_TASKS == "worker":
+        pytest.skip("the node tasks wait in the triggerer only in watcher mode, unless DBT_WATCHER_TASKS=worker")
+    from airflow.serialization.serialized_objects import BaseSerialization, DagSerialization
+
     dag = dag_bag.dags["transform_dbt"]
     nodes = _manifest()["nodes"]
     node_tasks = [t for t in dag.tasks if getattr(t, "model_unique_id", None)]
+    # What the scheduler reads: the serialized DAG starts each node task as our trigger.
+    serialized = DagSerialization.from_dict(DagSerialization.to_dict(dag))
     assert len(node_tasks) >= len([n for n in nodes.values() if n["resource_type"] in ("model", "snapshot", "seed")])
     for task in node_tasks:
         assert (task.deferrable, task.poke_interval, task.emit_datasets) == (True, 1, False), task.task_id
@@ -243,6 +248,15 @@ def test_watcher_node_tasks_wait_in_the_triggerer_and_one_task_emits_the_built_a
             cosmos_trigger.serialize()[1])
         # No success callback: the triggerer ends it without a callback request (include/triggerer_setup.py).
         assert kwargs["success_callback"] is False, task.task_id
+        # Started by the scheduler in the triggerer with the same arguments, but for the run: the
+        # trigger takes it from the task instance the triggerer hands it.
+        scheduled = serialized.get_task(task.task_id)
+        assert scheduled.start_from_trigger is (DBT_WATCHER_TASKS == "triggerer"), task.task_id
+        if DBT_WATCHER_TASKS == "triggerer":
+            start = scheduled.start_trigger_args
+            assert (start.trigger_cls, start.next_method) == (TRIGGER_CLASS, "execute_complete")
+            assert BaseSerialization.deserialize(start.trigger_kwargs) == {
+                k: v for k, v in kwargs.items() if k not in ("dag_id", "run_id", "map_index")}
         if task.task_id.endswith(".test"):
             tests = sorted(uid for uid, n in nodes.items()
                            if n["resource_type"] == "test" and task.model_unique_id in test_owners(n))
