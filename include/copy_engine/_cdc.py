@@ -24,6 +24,7 @@ import hashlib
 import logging
 import re
 import struct
+import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -784,22 +785,27 @@ def _read_and_write(run: TableRun, name: str, stored: str, upto: str, binary_typ
     lookup = _target_value if binary_types is None else _target_binary_value
     decoder = PgOutputDecoder(shape.names, shape.primary_key, lsn_int(stored), lookup=lambda key, column:
                               lookup(run, key, column), encoding=src.info.encoding, binary_types=binary_types)
-    started = time.monotonic()
-    for count, message in enumerate(read_changes(src, name, upto, binary=binary_types is not None), 1):
-        decoder.feed(message)
-        if count % PROGRESS_EVERY == 0:
-            logger.info("%s: decoded %d change message(s), %d key(s) so far (%.0f/s)", table.name, count,
-                        len(decoder.changes.rows), count / (time.monotonic() - started))
-    changes = decoder.changes
-    report.rows_read = changes.messages
-    logger.info("%s: %d change(s) in %d transaction(s) (%d already applied) up to %s: %d key(s) to write%s",
-                table.name, changes.messages, changes.transactions, changes.skipped_transactions, upto,
-                len(changes.rows), " (binary values)" if binary_types is not None else "")
     generated = _generated_expressions(run) if any(column.generated for column in shape.columns) else {}
     run.tgt.rollback()
     with run.data_transaction():
-        run.prepare_target(need_key=True)
-        run.set_lock_timeout()
+        # The target's side (its schema, the lock timeout, the stage) is prepared by a thread while the
+        # source decodes the slot: the first rows of the read arrive only once it decoded them all.
+        preparing = _Beside(lambda: _prepare_stage(run, binary=binary_types is not None))
+        try:
+            started = time.monotonic()
+            for count, message in enumerate(read_changes(src, name, upto, binary=binary_types is not None), 1):
+                decoder.feed(message)
+                if count % PROGRESS_EVERY == 0:
+                    logger.info("%s: decoded %d change message(s), %d key(s) so far (%.0f/s)", table.name, count,
+                                len(decoder.changes.rows), count / (time.monotonic() - started))
+        finally:
+            preparing.join()
+        preparing.result()
+        changes = decoder.changes
+        report.rows_read = changes.messages
+        logger.info("%s: %d change(s) in %d transaction(s) (%d already applied) up to %s: %d key(s) to write%s",
+                    table.name, changes.messages, changes.transactions, changes.skipped_transactions, upto,
+                    len(changes.rows), " (binary values)" if binary_types is not None else "")
         _write(run, decoder, generated)
         report.watermark_after = upto
         write_state(run.tgt, report, None, replication_slot=name)
@@ -924,6 +930,43 @@ def _compute_generated(run: TableRun, generated: dict[str, str], stage: sql.Comp
             "warehouse, or sync the table with mode full or incremental", table=run.table.name) from error
 
 
+class _Beside(threading.Thread):
+    """A function run by a thread beside the caller's work; `result()` re-raises what it raised."""
+
+    def __init__(self, function: Callable[[], None]) -> None:
+        super().__init__(name="copy_engine_cdc_prepare", daemon=True)
+        self.function = function
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.function()
+        except BaseException as error:  # noqa: BLE001 (handed to the caller by result())
+            self.error = error
+
+    def result(self) -> None:
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _prepare_stage(run: TableRun, *, binary: bool) -> None:
+    """In the data transaction: the target brought in line with the source, the lock timeout, and the empty
+    stage. Its columns take binary values in the source's types; text values as text, cast by the apply."""
+    shape = run.shape
+    run.prepare_target(need_key=True)
+    run.set_lock_timeout()
+
+    def stage_type(name: str) -> sql.Composable:
+        return sql.SQL(shape.column(name).type_sql) if binary else sql.SQL("text")  # type: ignore[union-attr]
+
+    # `_keep`: per column, 1 where the change left a TOASTed value unchanged; empty when it carries every value.
+    run.tgt.execute(sql.SQL("create temporary table {} ({}, _op text not null, _keep text not null) on commit drop")
+                    .format(sql.Identifier(_STAGE), sql.SQL(", ").join(
+                        sql.SQL("{} {}").format(sql.Identifier(c), stage_type(c)) for c in shape.names)))
+
+
 def _write(run: TableRun, decoder: PgOutputDecoder, generated: dict[str, str] | None = None) -> None:
     """Apply the coalesced changes: deletes, then an upsert of the rows that carry every value, then
     updates of the rows that keep a TOASTed value of the target's; then the generated columns of the
@@ -939,15 +982,6 @@ def _write(run: TableRun, decoder: PgOutputDecoder, generated: dict[str, str] | 
     columns, key = shape.names, list(shape.primary_key)
     stage = sql.Identifier(_STAGE)
     binary = decoder.binary_types is not None
-
-    def stage_type(name: str) -> sql.Composable:
-        # Binary values are fields of the source's types; text values are cast in the statements below.
-        return sql.SQL(shape.column(name).type_sql) if binary else sql.SQL("text")  # type: ignore[union-attr]
-
-    # `_keep`: per column, 1 where the change left a TOASTed value unchanged; empty when it carries every value.
-    tgt.execute(sql.SQL("create temporary table {} ({}, _op text not null, _keep text not null) on commit drop")
-                .format(stage, sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(c), stage_type(c))
-                                                  for c in columns)))
     kept_rows = 0
     with tgt.cursor().copy(sql.SQL("copy {} from stdin (format binary)").format(stage)) as copy:
         copy.write(_COPY_SIGNATURE)
