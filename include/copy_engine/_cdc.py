@@ -707,10 +707,10 @@ def read_changes(src: psycopg.Connection, name: str, upto: str, *, binary: bool 
     """
     with src.transaction(force_rollback=True), src.cursor(name="copy_engine_cdc_changes") as cursor:
         cursor.itersize = 10_000
+        # The option only when wanted: pgoutput before PostgreSQL 14 refuses it.
         cursor.execute(
             "select data from pg_logical_slot_peek_binary_changes(%s, %s::pg_lsn, null, 'proto_version', '1', "
-            "'publication_names', %s, 'binary', %s)", (name, upto, name, "true" if binary else "false"),
-            binary=True)
+            "'publication_names', %s" + (", 'binary', 'true')" if binary else ")"), (name, upto, name), binary=True)
         for (data,) in cursor:
             yield bytes(data)
 
@@ -791,14 +791,18 @@ def _read_and_write(run: TableRun, name: str, stored: str, upto: str, binary_typ
         # The target's side (its schema, the lock timeout, the stage) is prepared by a thread while the
         # source decodes the slot: the first rows of the read arrive only once it decoded them all.
         preparing = _Beside(lambda: _prepare_stage(run, binary=binary_types is not None))
+        messages = read_changes(src, name, upto, binary=binary_types is not None)
         try:
             started = time.monotonic()
-            for count, message in enumerate(read_changes(src, name, upto, binary=binary_types is not None), 1):
+            for count, message in enumerate(messages, 1):
                 decoder.feed(message)
                 if count % PROGRESS_EVERY == 0:
                     logger.info("%s: decoded %d change message(s), %d key(s) so far (%.0f/s)", table.name, count,
                                 len(decoder.changes.rows), count / (time.monotonic() - started))
+                    if preparing.error is not None:
+                        break  # the target's side failed: raised below, without reading the rest
         finally:
+            messages.close()  # the source's read transaction ends here, also when decoding raised
             preparing.join()
         preparing.result()
         changes = decoder.changes
