@@ -957,8 +957,13 @@ class _Beside(threading.Thread):
 
 def _prepare_stage(run: TableRun, *, binary: bool) -> None:
     """In the data transaction: the target brought in line with the source, the lock timeout, and the empty
-    stage. Its columns take binary values in the source's types; text values as text, cast by the apply."""
+    stage. Its columns take binary values in the source's types; text values as text, cast by the apply.
+
+    Runs beside the slot's read, so a schema change's lock (a widened column) is held during the read too."""
     shape = run.shape
+    # The transaction idles while the source decodes the slot and the engine the messages: a warehouse's
+    # idle_in_transaction_session_timeout must not end it (a large backlog is read for minutes).
+    run.tgt.execute("select set_config('idle_in_transaction_session_timeout', '0', true)")
     run.prepare_target(need_key=True)
     run.set_lock_timeout()
 

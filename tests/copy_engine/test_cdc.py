@@ -576,3 +576,23 @@ def test_a_column_type_changed_within_the_changes_reads_them_again_as_text(
     again = sync_table(pair.source, pair.target, TABLE)
     assert again.rows_updated == 1 and "key(s) to write (binary values)" in caplog.text
     assert_same(pair)
+
+
+def test_a_slow_slot_read_outlasts_the_warehouses_idle_transaction_timeout(
+        pg18_pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The target's transaction is open (its side prepared by a thread) while the slot is read."""
+    pair = pg18_pair
+    first_copy(pair)
+    target_database = psycopg.conninfo.conninfo_to_dict(pair.target)["dbname"]
+    pair.run(pair.server.admin_dsn, f"alter database {target_database} set idle_in_transaction_session_timeout = 300")
+    pair.run(pair.source, "update items set qty = -qty where id <= 3")
+    read_changes = _cdc.read_changes
+
+    def slow(*args: object, **kwargs: object) -> Iterator[bytes]:
+        time.sleep(1.0)
+        yield from read_changes(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_cdc, "read_changes", slow)
+    report = sync_table(pair.source, pair.target, TABLE)
+    assert report.rows_updated == 3
+    assert_same(pair)
