@@ -708,9 +708,10 @@ def read_changes(src: psycopg.Connection, name: str, upto: str, *, binary: bool 
     with src.transaction(force_rollback=True), src.cursor(name="copy_engine_cdc_changes") as cursor:
         cursor.itersize = 10_000
         # The option only when wanted: pgoutput before PostgreSQL 14 refuses it.
-        cursor.execute(
+        cursor.execute(sql.SQL(
             "select data from pg_logical_slot_peek_binary_changes(%s, %s::pg_lsn, null, 'proto_version', '1', "
-            "'publication_names', %s" + (", 'binary', 'true')" if binary else ")"), (name, upto, name), binary=True)
+            "'publication_names', %s{})").format(sql.SQL(", 'binary', 'true'") if binary else sql.SQL("")),
+            (name, upto, name), binary=True)
         for (data,) in cursor:
             yield bytes(data)
 
