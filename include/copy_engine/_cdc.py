@@ -11,6 +11,10 @@ key in commit order, and apply them in one target transaction that also stores t
 reached. Only after that commit is the slot advanced (`pg_replication_slot_advance`). A run killed
 between the two replays the same changes next time; transactions that commit before the stored
 position are skipped, so nothing is applied twice and nothing is missed.
+
+Values arrive in their types' binary send format where binary COPY carries every column exactly
+(`_binary_types`): the stage then holds the source's types and the apply parses no text. Otherwise,
+or when a column's type changed within the changes read, they arrive as text.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import hashlib
 import logging
 import re
 import struct
+import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -27,6 +32,8 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.adapt import Dumper
+from psycopg.pq import Format
 
 from ._errors import SourceError, TerminalError, TransientError
 from ._keys import key_changes
@@ -53,7 +60,12 @@ class _Keep:
 
 
 KEEP = _Keep()
-Value = str | None | _Keep
+Value = str | bytes | None | _Keep
+
+
+class NeedsText(Exception):  # noqa: N818 (a signal, not an error: the caller reads the changes again)
+    """The changes cannot be read with binary values (a column's type changed, or a value came as text):
+    read them again with text values."""
 
 
 def replication_name(target_table: str, target_database: str) -> str:
@@ -141,7 +153,7 @@ def check_requirements(run: TableRun, name: str) -> None:
 _COUNT = struct.Struct("!h").unpack_from
 _SIZE = struct.Struct("!i").unpack_from
 _OID = struct.Struct("!I").unpack_from
-_TEXT, _NULL, _UNCHANGED, _NEW = ord("t"), ord("n"), ord("u"), ord("N")
+_TEXT, _BINARY, _NULL, _UNCHANGED, _NEW = ord("t"), ord("b"), ord("n"), ord("u"), ord("N")
 _INSERT, _UPDATE = ord("I"), ord("U")
 # Binary COPY: the file's signature (no flags, no header extension), a row's field count, a NULL field,
 # the end of the data.
@@ -196,7 +208,10 @@ class Changes:
 
 
 class PgOutputDecoder:
-    """Decodes pgoutput (protocol 1, text values) into `Changes` over the target's columns.
+    """Decodes pgoutput (protocol 1) into `Changes` over the target's columns.
+
+    Values are text (decoded to str), or with `binary_types` (pgoutput's `binary` option) each type's
+    binary send format, kept as bytes: a binary COPY field of the column's type as it is.
 
     `lookup` fetches a column of the target's row for a key: an update that moves a row to a new
     key and leaves a TOASTed value unchanged carries no value for it.
@@ -208,8 +223,8 @@ class PgOutputDecoder:
     """
 
     def __init__(self, columns: list[str], key: tuple[str, ...], skip_before: int,
-                 lookup: Callable[[tuple[str | None, ...], str], str | None] | None = None,
-                 encoding: str = "utf-8") -> None:
+                 lookup: Callable[[tuple[Any, ...], str], Any] | None = None,
+                 encoding: str = "utf-8", binary_types: dict[str, int] | None = None) -> None:
         self.columns = columns
         self.index = {name: position for position, name in enumerate(columns)}
         self.key_positions = [self.index[name] for name in key]
@@ -219,18 +234,35 @@ class PgOutputDecoder:
         self.changes = Changes()
         # pgoutput sends values converted to the decoding session's client encoding, as any result
         self.encoding = encoding
+        # Binary values (pgoutput's `binary` option): each column's type oid at the source, which every
+        # relation message must match; values stay bytes (the type's send format, a binary COPY field).
+        self.binary_types = binary_types
+        self._value = _BINARY if binary_types is not None else _TEXT
         self._skipping = False
+
+    def _text(self, data: bytes) -> Any:
+        """A value's bytes as the decoder keeps them: text decoded, binary as is."""
+        return data if self._value == _BINARY else data.decode(self.encoding)
+
+    def _field(self, value: Any, encoding: str) -> bytes:
+        if self._value == _BINARY:
+            return _FIELD_SIZE(len(value)) + value  # type: ignore[no-any-return]
+        return _text_field(value, encoding)
+
+    def _unexpected(self, kind: int) -> None:
+        if kind == _TEXT and self._value == _BINARY:
+            raise NeedsText("pgoutput sent a value as text (its type has no binary send function)")
 
     def feed(self, message: bytes) -> None:
         # The common case first, in few steps: an insert, or an update that keeps its key.
         if (message[0] == _INSERT or (message[0] == _UPDATE and message[5] == _NEW)) and not self._skipping:
             relation = self.relations[_OID(message, 1)[0]]
             self.changes.messages += 1
-            if relation.key_first and message[8] == _TEXT:
+            if relation.key_first and message[8] == self._value:
                 # The key is the relation's first column: its value starts at byte 13 (kind, oid, 'N',
                 # column count, 't', size). The general path below handles what this one cannot.
                 end = 13 + _SIZE(message, 9)[0]
-                key = (message[13:end].decode(self.encoding),)
+                key = (self._text(message[13:end]),)
                 rows = self.changes.rows
                 if message[0] == _INSERT or message.find(b"u", end) < 0 or rows.get(key) is None:
                     rows[key] = _Lazy(message, 6, relation)  # type: ignore[assignment]
@@ -296,15 +328,17 @@ class PgOutputDecoder:
         slots = relation.key_slots
         count = _COUNT(message, position)[0]
         at = position + 2
-        values: list[str | None] = [None] * len(self.key_positions)
+        values: list[Any] = [None] * len(self.key_positions)
+        value_kind = self._value
         for slot in slots:
             kind = message[at]
-            if kind == _TEXT:
+            if kind == value_kind:
                 size = _SIZE(message, at + 1)[0]
                 if slot >= 0:
-                    values[slot] = message[at + 5:at + 5 + size].decode(self.encoding)
+                    values[slot] = self._text(message[at + 5:at + 5 + size])
                 at += 5 + size
             else:
+                self._unexpected(kind)
                 if kind == _UNCHANGED and slot >= 0:
                     return False  # a TOASTed key value: the full path handles it
                 at += 1
@@ -314,11 +348,12 @@ class PgOutputDecoder:
         if not insert and rows.get(key) is not None and message.find(b"u", at) >= 0:
             for _ in range(count - len(slots)):  # an unchanged TOASTed value takes the earlier one's
                 kind = message[at]
-                if kind == _TEXT:
+                if kind == value_kind:
                     at += 5 + _SIZE(message, at + 1)[0]
                 elif kind == _UNCHANGED:
                     return False
                 else:
+                    self._unexpected(kind)
                     at += 1
         rows[key] = _Lazy(message, position, relation)  # type: ignore[assignment]
         return True
@@ -326,7 +361,7 @@ class PgOutputDecoder:
     def _decoded(self, row: Any) -> Any:
         return self._tuple(row.message, row.position, row.relation)[0] if isinstance(row, _Lazy) else row
 
-    def _key(self, row: list[Value]) -> tuple[str | None, ...]:
+    def _key(self, row: list[Value]) -> tuple[Any, ...]:
         return tuple(row[position] for position in self.key_positions)  # type: ignore[misc]
 
     def _put(self, row: list[Value], *, merge: bool) -> None:
@@ -348,7 +383,11 @@ class PgOutputDecoder:
         for _ in range(count):
             position += 1  # flags
             end = message.index(b"\0", position)
-            columns.append(message[position:end].decode())
+            column = message[position:end].decode()
+            columns.append(column)
+            expected = None if self.binary_types is None else self.binary_types.get(column)
+            if expected is not None and _OID(message, end + 1)[0] != expected:
+                raise NeedsText(f"the type of column {column} changed at the source since the slot's changes began")
             position = end + 1 + 8  # type oid, typmod
         targets = [self.index.get(column) for column in columns]
         slots = [self.key_positions.index(target) if target in self.key_positions else -1 for target in targets]
@@ -359,56 +398,92 @@ class PgOutputDecoder:
         self.relations[oid] = _Relation(columns, targets, slots, uncovered, in_order,
                                         slots == [0] and len(self.key_positions) == 1)
 
-    def stage_rows(self, generated: Collection[str], encoding: str) -> Iterator[tuple[bytes, bool]]:
-        """Each key's change as a row of the CDC stage in binary COPY format (the target's columns as text,
-        `_op`, `_keep`), and whether it keeps a value of the target's.
+    def stage_rows(self, generated: Collection[str], encoding: str) -> Iterator[tuple[bytearray, int]]:
+        """The keys' changes as rows of the CDC stage in binary COPY format (the target's columns as text,
+        or in their types for binary values; `_op`, `_keep`), in chunks of about `_COPY_BUFFER` bytes, each
+        with the number of its rows that keep a value of the target's.
 
         `encoding`: the target session's client encoding. An undecoded row is copied from the message
-        without decoding it: pgoutput's text value (length, bytes) is already a binary COPY field of a
-        text column, when both sessions use one client encoding.
+        without decoding it: pgoutput's value (length, bytes) is already a binary COPY field, of a text
+        column when both sessions use one client encoding, or of its type for a binary value.
         """
         width = len(self.columns)
         header = _FIELD_COUNT(width + 2)
         skipped = {self.index[name] for name in generated if name in self.index}
-        raw = codecs.lookup(encoding).name == codecs.lookup(self.encoding).name
+        raw = self._value == _BINARY or codecs.lookup(encoding).name == codecs.lookup(self.encoding).name
+        value_kind, size, upsert_end = self._value, _SIZE, _UPSERT_FIELD + _EMPTY_FIELD
+        chunk = bytearray()
+        extend = chunk.extend
+        kept_rows = 0
         for row_key, row in self.changes.rows.items():
-            if row is None:
-                fields = [_NULL_FIELD] * width
-                for position, value in zip(self.key_positions, row_key, strict=True):
-                    fields[position] = _text_field(value, encoding)
-                yield b"".join((header, *fields, _DELETE_FIELD, _EMPTY_FIELD)), False
-                continue
-            if isinstance(row, _Lazy) and raw:
-                fields, kept = self._raw_fields(row, width)
-            else:
-                values = self._decoded(row)
-                fields = [_NULL_FIELD if value is None or value is KEEP else _text_field(value, encoding)
-                          for value in values]
-                kept = [position for position, value in enumerate(values) if value is KEEP]
-            kept = [position for position in kept if position not in skipped]
-            if kept:
-                flags = ["0"] * width
-                for position in kept:
-                    flags[position] = "1"
-                yield b"".join((header, *fields, _UPSERT_FIELD, _text_field("".join(flags), encoding))), True
-            else:
-                yield b"".join((header, *fields, _UPSERT_FIELD, _EMPTY_FIELD)), False
+            if len(chunk) >= _COPY_BUFFER:
+                yield chunk, kept_rows
+                chunk, kept_rows = bytearray(), 0
+                extend = chunk.extend
+            if raw and type(row) is _Lazy and row.relation.in_order:
+                # The common case in few steps: every column sent, in the target's order.
+                message, at, mark = row.message, row.position + 2, len(chunk)
+                extend(header)
+                for _ in range(width):
+                    kind = message[at]
+                    if kind == value_kind:
+                        end = at + 5 + size(message, at + 1)[0]
+                        extend(message[at + 1:end])
+                        at = end
+                    elif kind == _NULL:
+                        extend(_NULL_FIELD)
+                        at += 1
+                    else:  # an unchanged TOASTed value: the general path below
+                        del chunk[mark:]
+                        break
+                else:
+                    extend(upsert_end)
+                    continue
+            data, keeps = self._stage_row(row_key, row, width, header, skipped, raw, encoding)
+            extend(data)
+            kept_rows += keeps
+        yield chunk, kept_rows
+
+    def _stage_row(self, row_key: tuple[Any, ...], row: Any, width: int, header: bytes, skipped: set[int],
+                   raw: bool, encoding: str) -> tuple[bytes, bool]:
+        """One key's stage row in binary COPY format, and whether it keeps a value of the target's."""
+        if row is None:
+            fields = [_NULL_FIELD] * width
+            for position, value in zip(self.key_positions, row_key, strict=True):
+                fields[position] = self._field(value, encoding)
+            return b"".join((header, *fields, _DELETE_FIELD, _EMPTY_FIELD)), False
+        if isinstance(row, _Lazy) and raw:
+            fields, kept = self._raw_fields(row, width)
+        else:
+            values = self._decoded(row)
+            fields = [_NULL_FIELD if value is None or value is KEEP else self._field(value, encoding)
+                      for value in values]
+            kept = [position for position, value in enumerate(values) if value is KEEP]
+        kept = [position for position in kept if position not in skipped]
+        if kept:
+            flags = ["0"] * width
+            for position in kept:
+                flags[position] = "1"
+            return b"".join((header, *fields, _UPSERT_FIELD, _text_field("".join(flags), encoding))), True
+        return b"".join((header, *fields, _UPSERT_FIELD, _EMPTY_FIELD)), False
 
     def _raw_fields(self, row: _Lazy, width: int) -> tuple[list[bytes], list[int]]:
         """The binary COPY fields of an undecoded row, and the target columns it keeps (unchanged or not sent)."""
         message, relation, at = row.message, row.relation, row.position + 2
         size = _SIZE
+        value_kind = self._value
         kept = relation.uncovered
         if relation.in_order:  # the common case in few steps: the relation's columns are the target's
             fields: list[bytes] = []
             append = fields.append
             for _ in range(_COUNT(message, row.position)[0]):
                 kind = message[at]
-                if kind == _TEXT:
+                if kind == value_kind:
                     end = at + 5 + size(message, at + 1)[0]
                     append(message[at + 1:end])
                     at = end
                 else:
+                    self._unexpected(kind)
                     if kind == _UNCHANGED:
                         kept = [*kept, len(fields)]
                     append(_NULL_FIELD)
@@ -419,12 +494,13 @@ class PgOutputDecoder:
         for column in range(_COUNT(message, row.position)[0]):
             kind = message[at]
             target = targets[column] if column < len(targets) else None
-            if kind == _TEXT:
+            if kind == value_kind:
                 end = at + 5 + size(message, at + 1)[0]
                 if target is not None:
                     fields[target] = message[at + 1:end]
                 at = end
             else:
+                self._unexpected(kind)
                 if kind == _UNCHANGED and target is not None:
                     kept = [*kept, target]
                 at += 1
@@ -436,17 +512,18 @@ class PgOutputDecoder:
         position += 2
         row: list[Value] = [KEEP] * len(self.columns)
         targets = relation.targets
-        encoding = self.encoding
+        value_kind = self._value
         for column in range(count):
             kind = message[position]
             target = targets[column] if column < len(targets) else None
-            if kind == _TEXT:
+            if kind == value_kind:
                 size = _SIZE(message, position + 1)[0]
                 position += 5
                 if target is not None:
-                    row[target] = message[position:position + size].decode(encoding)
+                    row[target] = self._text(message[position:position + size])
                 position += size
             else:
+                self._unexpected(kind)
                 position += 1
                 if kind == _NULL and target is not None:
                     row[target] = None
@@ -623,13 +700,18 @@ def _full_copy(run: TableRun, name: str) -> None:
         exported.connection.close()
 
 
-def read_changes(src: psycopg.Connection, name: str, upto: str) -> Iterator[bytes]:
-    """The slot's pgoutput messages of transactions that commit before `upto`, without consuming them."""
+def read_changes(src: psycopg.Connection, name: str, upto: str, *, binary: bool = False) -> Iterator[bytes]:
+    """The slot's pgoutput messages of transactions that commit before `upto`, without consuming them.
+
+    `binary`: values in their types' binary send format (pgoutput's `binary` option, PostgreSQL 14+).
+    """
     with src.transaction(force_rollback=True), src.cursor(name="copy_engine_cdc_changes") as cursor:
         cursor.itersize = 10_000
-        cursor.execute(
+        # The option only when wanted: pgoutput before PostgreSQL 14 refuses it.
+        cursor.execute(sql.SQL(
             "select data from pg_logical_slot_peek_binary_changes(%s, %s::pg_lsn, null, 'proto_version', '1', "
-            "'publication_names', %s)", (name, upto, name), binary=True)
+            "'publication_names', %s{})").format(sql.SQL(", 'binary', 'true'") if binary else sql.SQL("")),
+            (name, upto, name), binary=True)
         for (data,) in cursor:
             yield bytes(data)
 
@@ -650,7 +732,6 @@ def wait_until_slot_free(run: TableRun, name: str) -> None:
 
 def _apply_changes(run: TableRun, name: str, stored: str) -> None:
     table, report, src = run.table, run.report, run.src
-    shape = run.shape
     wait_until_slot_free(run, name)
     flush_source_wal(src)
     row = src.execute("select pg_current_wal_flush_lsn()::text").fetchone()
@@ -659,34 +740,81 @@ def _apply_changes(run: TableRun, name: str, stored: str) -> None:
     # The flushed position, not the inserted one: decoding reads only flushed WAL, and a transaction
     # committed asynchronously before `upto` must not be left behind a position stored as applied.
     upto = max(row[0], stored, key=lsn_int)
-    decoder = PgOutputDecoder(shape.names, shape.primary_key, lsn_int(stored), lookup=lambda key, column:
-                              _target_value(run, key, column), encoding=src.info.encoding)
-    started = time.monotonic()
-    for count, message in enumerate(read_changes(src, name, upto), 1):
-        decoder.feed(message)
-        if count % PROGRESS_EVERY == 0:
-            logger.info("%s: decoded %d change message(s), %d key(s) so far (%.0f/s)", table.name, count,
-                        len(decoder.changes.rows), count / (time.monotonic() - started))
-    changes = decoder.changes
-    report.rows_read = changes.messages
-    logger.info("%s: %d change(s) in %d transaction(s) (%d already applied) up to %s: %d key(s) to write",
-                table.name, changes.messages, changes.transactions, changes.skipped_transactions, upto,
-                len(changes.rows))
-    generated = _generated_expressions(run) if any(column.generated for column in shape.columns) else {}
-    run.tgt.rollback()
-    with run.data_transaction():
-        run.prepare_target(need_key=True)
-        run.set_lock_timeout()
-        _write(run, decoder, generated)
-        report.watermark_after = upto
-        write_state(run.tgt, report, None, replication_slot=name)
-        run.record_committed()
+    binary_types = _binary_types(run)
+    try:
+        _read_and_write(run, name, stored, upto, binary_types)
+    except NeedsText as why:
+        if binary_types is None:
+            raise
+        logger.info("%s: %s; reading the changes again with text values", table.name, why)
+        _read_and_write(run, name, stored, upto, None)
     logger.info("%s: applied up to %s (inserted %d, updated %d, deleted %d)", table.name, upto,
                 report.rows_inserted, report.rows_updated, report.rows_deleted)
     confirm_position(src, name, upto)
     if run.validate:
         # No source snapshot matches the applied position: the summary says "not validated", not "off".
         report.validation = ValidationResult(match=None)
+
+
+def _binary_types(run: TableRun) -> dict[str, int] | None:
+    """Each column's type oid at the source when the changes can be read with binary values, else None.
+
+    Binary values are the types' send format, which is a binary COPY field of the same type: the stage
+    takes them in the source's types and the apply parses no text. They need PostgreSQL 14, columns that
+    binary COPY carries exactly (the type catalog of the full and incremental copies: no extension or
+    object-identifier type, no composite, no array of a user type), no domain (the stage would check its
+    constraints on a delete's empty columns), and one client encoding on both sides (a text value's
+    send format is in the client encoding).
+    """
+    shape, src = run.shape, run.src
+    if src.info.server_version < 140000 or not all(column.binary_safe for column in shape.columns):
+        return None
+    if codecs.lookup(src.info.encoding).name != codecs.lookup(run.tgt.info.encoding).name:
+        return None
+    with src.transaction(force_rollback=True):
+        row = src.execute("select exists (select from pg_type where oid = any(%s) and typtype = 'd')",
+                          ([column.type_oid for column in shape.columns],)).fetchone()
+    if row is None or row[0]:
+        return None
+    return {column.name: column.type_oid for column in shape.columns}
+
+
+def _read_and_write(run: TableRun, name: str, stored: str, upto: str, binary_types: dict[str, int] | None) -> None:
+    """Read the slot's changes up to `upto`, coalesce them per key, and apply them with the position in one
+    target transaction. Raises NeedsText, having written nothing, when binary values cannot carry them."""
+    table, report, src, shape = run.table, run.report, run.src, run.shape
+    lookup = _target_value if binary_types is None else _target_binary_value
+    decoder = PgOutputDecoder(shape.names, shape.primary_key, lsn_int(stored), lookup=lambda key, column:
+                              lookup(run, key, column), encoding=src.info.encoding, binary_types=binary_types)
+    generated = _generated_expressions(run) if any(column.generated for column in shape.columns) else {}
+    run.tgt.rollback()
+    with run.data_transaction():
+        # The target's side (its schema, the lock timeout, the stage) is prepared by a thread while the
+        # source decodes the slot: the first rows of the read arrive only once it decoded them all.
+        preparing = _Beside(lambda: _prepare_stage(run, binary=binary_types is not None))
+        messages = read_changes(src, name, upto, binary=binary_types is not None)
+        try:
+            started = time.monotonic()
+            for count, message in enumerate(messages, 1):
+                decoder.feed(message)
+                if count % PROGRESS_EVERY == 0:
+                    logger.info("%s: decoded %d change message(s), %d key(s) so far (%.0f/s)", table.name, count,
+                                len(decoder.changes.rows), count / (time.monotonic() - started))
+                    if preparing.error is not None:
+                        break  # the target's side failed: raised below, without reading the rest
+        finally:
+            messages.close()  # the source's read transaction ends here, also when decoding raised
+            preparing.join()
+        preparing.result()
+        changes = decoder.changes
+        report.rows_read = changes.messages
+        logger.info("%s: %d change(s) in %d transaction(s) (%d already applied) up to %s: %d key(s) to write%s",
+                    table.name, changes.messages, changes.transactions, changes.skipped_transactions, upto,
+                    len(changes.rows), " (binary values)" if binary_types is not None else "")
+        _write(run, decoder, generated)
+        report.watermark_after = upto
+        write_state(run.tgt, report, None, replication_slot=name)
+        run.record_committed()
 
 
 def flush_source_wal(src: psycopg.Connection) -> None:
@@ -734,6 +862,40 @@ def _target_value(run: TableRun, key: tuple[str | None, ...], column: str) -> st
     return None if row[0] is None else str(row[0])
 
 
+class _SendFormat(bytes):
+    """A value in its type's binary send format, passed to the server as a binary parameter."""
+
+
+class _SendFormatDumper(Dumper):
+    format = Format.BINARY
+
+    def dump(self, obj: Any) -> bytes:
+        return bytes(obj)
+
+
+def _target_binary_value(run: TableRun, key: tuple[bytes | None, ...], column: str) -> bytes | None:
+    """`_target_value` for binary values: the key and the value travel in their types' send format."""
+    shape = run.shape
+
+    def type_sql(name: str) -> sql.Composable:
+        return sql.SQL(shape.column(name).type_sql)  # type: ignore[union-attr]
+
+    match = sql.SQL(" and ").join(sql.SQL("{} = %s::{}").format(sql.Identifier(name), type_sql(name))
+                                  for name in shape.primary_key)
+    cursor = run.tgt.cursor(binary=True)
+    cursor.adapters.register_dumper(_SendFormat, _SendFormatDumper)
+    cursor.execute(sql.SQL("select {}::{} from {} where {}").format(
+        sql.Identifier(column), type_sql(column), run.names.target, match),
+        [None if value is None else _SendFormat(value) for value in key])
+    result = cursor.pgresult
+    if result is None or result.ntuples == 0:
+        raise TerminalError(f"an update moved key {list(key)} and left {column} unchanged, but the target has no row "
+                            "for that key; it was changed outside the engine: drop the target table to copy it again",
+                            table=run.table.name)
+    value = result.get_value(0, 0)
+    return None if value is None else bytes(value)
+
+
 def _generated_expressions(run: TableRun) -> dict[str, str]:
     """The source's generated columns and their expressions: pgoutput sends none of their values."""
     src = run.src
@@ -773,6 +935,48 @@ def _compute_generated(run: TableRun, generated: dict[str, str], stage: sql.Comp
             "warehouse, or sync the table with mode full or incremental", table=run.table.name) from error
 
 
+class _Beside(threading.Thread):
+    """A function run by a thread beside the caller's work; `result()` re-raises what it raised."""
+
+    def __init__(self, function: Callable[[], None]) -> None:
+        super().__init__(name="copy_engine_cdc_prepare", daemon=True)
+        self.function = function
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.function()
+        except BaseException as error:  # noqa: BLE001 (handed to the caller by result())
+            self.error = error
+
+    def result(self) -> None:
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _prepare_stage(run: TableRun, *, binary: bool) -> None:
+    """In the data transaction: the target brought in line with the source, the lock timeout, and the empty
+    stage. Its columns take binary values in the source's types; text values as text, cast by the apply.
+
+    Runs beside the slot's read, so a schema change's lock (a widened column) is held during the read too."""
+    shape = run.shape
+    # The transaction idles while the source decodes the slot and the engine the messages: a warehouse's
+    # idle_in_transaction_session_timeout must not end it (a large backlog is read for minutes).
+    run.tgt.execute("select set_config('idle_in_transaction_session_timeout', '0', true)")
+    run.prepare_target(need_key=True)
+    run.set_lock_timeout()
+
+    def stage_type(name: str) -> sql.Composable:
+        return sql.SQL(shape.column(name).type_sql) if binary else sql.SQL("text")  # type: ignore[union-attr]
+
+    # `_keep`: per column, 1 where the change left a TOASTed value unchanged; empty when it carries every value.
+    run.tgt.execute(sql.SQL("create temporary table {} ({}, _op text not null, _keep text not null) on commit drop")
+                    .format(sql.Identifier(_STAGE), sql.SQL(", ").join(
+                        sql.SQL("{} {}").format(sql.Identifier(c), stage_type(c)) for c in shape.names)))
+
+
 def _write(run: TableRun, decoder: PgOutputDecoder, generated: dict[str, str] | None = None) -> None:
     """Apply the coalesced changes: deletes, then an upsert of the rows that carry every value, then
     updates of the rows that keep a TOASTed value of the target's; then the generated columns of the
@@ -787,23 +991,20 @@ def _write(run: TableRun, decoder: PgOutputDecoder, generated: dict[str, str] | 
         return
     columns, key = shape.names, list(shape.primary_key)
     stage = sql.Identifier(_STAGE)
-    # `_keep`: per column, 1 where the change left a TOASTed value unchanged; empty when it carries every value.
-    tgt.execute(sql.SQL("create temporary table {} ({}, _op text not null, _keep text not null) on commit drop")
-                .format(stage, sql.SQL(", ").join(sql.SQL("{} text").format(sql.Identifier(c)) for c in columns)))
+    binary = decoder.binary_types is not None
     kept_rows = 0
     with tgt.cursor().copy(sql.SQL("copy {} from stdin (format binary)").format(stage)) as copy:
-        buffer = bytearray(_COPY_SIGNATURE)
+        copy.write(_COPY_SIGNATURE)
         for data, keeps in decoder.stage_rows(generated, tgt.info.encoding):
-            buffer += data
+            copy.write(data)
             kept_rows += keeps
-            if len(buffer) >= _COPY_BUFFER:
-                copy.write(buffer)
-                buffer = bytearray()
-        copy.write(buffer + _COPY_TRAILER)
+        copy.write(_COPY_TRAILER)
     if len(changes.rows) > _ANALYZE_STAGE_FROM:
         tgt.execute(sql.SQL("analyze {}").format(stage))
 
     def typed(name: str) -> sql.Composable:
+        if binary:
+            return sql.SQL("s.{}").format(sql.Identifier(name))
         return sql.SQL("s.{}::{}").format(sql.Identifier(name), sql.SQL(shape.column(name).type_sql))  # type: ignore[union-attr]
 
     match = sql.SQL(" and ").join(sql.SQL("t.{} = {}").format(sql.Identifier(name), typed(name)) for name in key)

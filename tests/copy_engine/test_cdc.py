@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from include.copy_engine import (
     SourceError,
@@ -37,6 +38,7 @@ from include.ingestion import asset_event_extra
 from include.local_stack.postgres import EmbeddedPostgres, free_port
 from tests.conftest import PostgresServer
 from tests.copy_engine.conftest import Pair
+from tests.copy_engine.test_types import Wide, binary_only, build_wide
 from tests.dbt.conftest import DBT, DBT_PROJECT, dbt_env, fetch, run_dbt
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -141,8 +143,14 @@ def slot_of(pair: Pair) -> dict[str, object] | None:
     return dict(rows[0][0]) if rows else None  # type: ignore[call-overload]
 
 
-def test_inserts_updates_deletes_toast_and_rollbacks_arrive_exactly(cdc_pair: Pair) -> None:
+@pytest.mark.parametrize("values", ["binary", "text"])
+def test_inserts_updates_deletes_toast_and_rollbacks_arrive_exactly(
+        cdc_pair: Pair, values: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """With binary values (the default where binary COPY carries every column) and with text values."""
     pair = cdc_pair
+    caplog.set_level("INFO", logger="include.copy_engine")
+    if values == "text":
+        monkeypatch.setattr(_cdc, "_binary_types", lambda run: None)
     first = first_copy(pair)
     assert (first.mode, first.rows_inserted, first.validation.match) == ("cdc", 100, True)
     assert first.watermark_before is None and first.watermark_after
@@ -186,6 +194,7 @@ def test_inserts_updates_deletes_toast_and_rollbacks_arrive_exactly(cdc_pair: Pa
     third = sync_table(pair.source, pair.target, TABLE)
     assert (third.rows_inserted, third.rows_updated, third.rows_deleted) == (2, 1, 1)
     assert_same(pair)
+    assert ("key(s) to write (binary values)" in caplog.text) == (values == "binary")
     quiet = sync_table(pair.source, pair.target, TABLE)
     assert (quiet.rows_read, quiet.rows_inserted, quiet.rows_updated, quiet.rows_deleted) == (0, 0, 0, 0)
     assert_same(pair)
@@ -501,3 +510,89 @@ def test_a_replication_role_uses_the_publication_the_owner_created(pg18_pair: Pa
         pair.run(pair.source, "select pg_drop_replication_slot(slot_name) from pg_replication_slots "
                               "where database = current_database()")
         pair.run(pair.source, f"drop publication {publication}; drop owned by {role}; drop role {role}")
+
+
+@pytest.mark.parametrize("values", ["binary", "text"])
+def test_every_catalog_type_arrives_exactly(cdc_pair: Pair, values: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The wide table of test_types (a column of every catalog type, its array, enums, ranges, ...) through
+    CDC: with binary values where binary COPY carries every column, else with text values."""
+    pair = cdc_pair
+    caplog.set_level("INFO", logger="include.copy_engine")
+    wide = build_wide(pair)
+    if values == "binary":
+        wide = binary_only(pair, wide)
+        # A domain column makes the changes arrive as text (the stage would check its constraints).
+        domains = {str(name) for (name,) in pair.rows(pair.source, "select a.attname from pg_attribute as a join "
+                                                                   "pg_type as t on t.oid = a.atttypid where "
+                                                                   "a.attrelid = 'public.wide'::regclass and "
+                                                                   "t.typtype = 'd'")}
+        assert {"u_positive_price", "u_int_list"} <= domains
+        for name in domains:
+            pair.run(pair.source, sql.SQL("alter table public.wide drop column {}").format(sql.Identifier(name)))
+        wide = Wide([c for c in wide.columns if c.name not in domains], wide.rows)
+    else:
+        # Left out: pgoutput sends xml by its output function, which drops a default XML declaration
+        # (<?xml version="1.0"?>) that the table copies keep by reading xml through ::text. Known, not fixed.
+        for name in ("c_xml", "a_xml"):
+            pair.run(pair.source, sql.SQL("alter table public.wide drop column {}").format(sql.Identifier(name)))
+        wide = Wide([c for c in wide.columns if c.name not in ("c_xml", "a_xml")], wide.rows)
+    table = TableConfig(name="wide", source="public.wide", target="raw.wide", mode="cdc", validate=False)
+    first = sync_table(pair.source, pair.target, table)
+    assert first.rows_inserted == wide.rows
+    names = [c.name for c in wide.columns]
+    assignments = sql.SQL(", ").join(sql.SQL("{0} = _next.{0}").format(sql.Identifier(n)) for n in names)
+    pair.run(pair.source, sql.SQL(
+        "update public.wide set {}, changed_at = 2 from public.wide as _next "
+        "where _next.id = public.wide.id % {} + 1").format(assignments, sql.Literal(wide.rows)))
+    pair.run(pair.source, f"delete from public.wide where id = {wide.rows}")
+    pair.run(pair.source, sql.SQL("insert into public.wide select {} + 1, 3, {} from public.wide where id = 1").format(
+        sql.Literal(wide.rows), sql.SQL(", ").join(sql.Identifier(n) for n in names)))
+    second = sync_table(pair.source, pair.target, table)
+    assert (second.rows_inserted, second.rows_updated, second.rows_deleted) == (1, wide.rows - 1, 1)
+    assert ("key(s) to write (binary values)" in caplog.text) == (values == "binary")
+    target, source = wide.dump(pair, pair.target, "raw.wide"), wide.dump(pair, pair.source, "public.wide")
+    differing = [(c.name, t[i + 1], s[i + 1]) for t, s in zip(target, source, strict=True)
+                 for i, c in enumerate(wide.columns) if t[i + 1] != s[i + 1]]
+    assert differing == []
+    quiet = sync_table(pair.source, pair.target, table)
+    assert (quiet.rows_inserted, quiet.rows_updated, quiet.rows_deleted) == (0, 0, 0)
+
+
+def test_a_column_type_changed_within_the_changes_reads_them_again_as_text(
+        cdc_pair: Pair, caplog: pytest.LogCaptureFixture) -> None:
+    """Binary values of the changes before an ALTER are in the old type: the run reads them all as text."""
+    pair = cdc_pair
+    caplog.set_level("INFO", logger="include.copy_engine")
+    first_copy(pair)
+    pair.run(pair.source, "update items set qty = qty + 1 where id <= 3")
+    pair.run(pair.source, "alter table items alter column qty type bigint")
+    pair.run(pair.source, "update items set qty = 5000000000 where id = 4")
+    report = sync_table(pair.source, pair.target, TABLE)
+    assert (report.rows_inserted, report.rows_updated, report.rows_deleted) == (0, 4, 0)
+    assert "reading the changes again with text values" in caplog.text
+    assert_same(pair)
+    pair.run(pair.source, "update items set qty = 6000000000 where id = 5")
+    caplog.clear()
+    again = sync_table(pair.source, pair.target, TABLE)
+    assert again.rows_updated == 1 and "key(s) to write (binary values)" in caplog.text
+    assert_same(pair)
+
+
+def test_a_slow_slot_read_outlasts_the_warehouses_idle_transaction_timeout(
+        pg18_pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The target's transaction is open (its side prepared by a thread) while the slot is read."""
+    pair = pg18_pair
+    first_copy(pair)
+    target_database = psycopg.conninfo.conninfo_to_dict(pair.target)["dbname"]
+    pair.run(pair.server.admin_dsn, f"alter database {target_database} set idle_in_transaction_session_timeout = 300")
+    pair.run(pair.source, "update items set qty = -qty where id <= 3")
+    read_changes = _cdc.read_changes
+
+    def slow(*args: object, **kwargs: object) -> Iterator[bytes]:
+        time.sleep(1.0)
+        yield from read_changes(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_cdc, "read_changes", slow)
+    report = sync_table(pair.source, pair.target, TABLE)
+    assert report.rows_updated == 3
+    assert_same(pair)
