@@ -38,7 +38,7 @@ from include.ingestion import asset_event_extra
 from include.local_stack.postgres import EmbeddedPostgres, free_port
 from tests.conftest import PostgresServer
 from tests.copy_engine.conftest import Pair
-from tests.copy_engine.test_types import Wide, binary_only, build_wide
+from tests.copy_engine.test_types import Wide, binary_only, build_wide, change_every_row
 from tests.dbt.conftest import DBT, DBT_PROJECT, dbt_env, fetch, run_dbt
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -539,14 +539,7 @@ def test_every_catalog_type_arrives_exactly(cdc_pair: Pair, values: str, caplog:
     table = TableConfig(name="wide", source="public.wide", target="raw.wide", mode="cdc", validate=False)
     first = sync_table(pair.source, pair.target, table)
     assert first.rows_inserted == wide.rows
-    names = [c.name for c in wide.columns]
-    assignments = sql.SQL(", ").join(sql.SQL("{0} = _next.{0}").format(sql.Identifier(n)) for n in names)
-    pair.run(pair.source, sql.SQL(
-        "update public.wide set {}, changed_at = 2 from public.wide as _next "
-        "where _next.id = public.wide.id % {} + 1").format(assignments, sql.Literal(wide.rows)))
-    pair.run(pair.source, f"delete from public.wide where id = {wide.rows}")
-    pair.run(pair.source, sql.SQL("insert into public.wide select {} + 1, 3, {} from public.wide where id = 1").format(
-        sql.Literal(wide.rows), sql.SQL(", ").join(sql.Identifier(n) for n in names)))
+    change_every_row(pair, wide)
     second = sync_table(pair.source, pair.target, table)
     assert (second.rows_inserted, second.rows_updated, second.rows_deleted) == (1, wide.rows - 1, 1)
     assert ("key(s) to write (binary values)" in caplog.text) == (values == "binary")

@@ -362,6 +362,18 @@ def binary_only(pair, wide: Wide) -> Wide:
     return Wide([c for c in wide.columns if c.name not in text_columns], wide.rows)
 
 
+def change_every_row(pair, wide: Wide) -> None:
+    """At the source, every row takes the next row's values, the last row goes, and a new row copies the first."""
+    names = [c.name for c in wide.columns]
+    assignments = sql.SQL(", ").join(sql.SQL("{0} = _next.{0}").format(sql.Identifier(n)) for n in names)
+    pair.run(pair.source, sql.SQL(
+        "update public.wide set {}, changed_at = 2 from public.wide as _next "
+        "where _next.id = public.wide.id % {} + 1").format(assignments, sql.Literal(wide.rows)))
+    pair.run(pair.source, f"delete from public.wide where id = {wide.rows}")
+    pair.run(pair.source, sql.SQL("insert into public.wide select {} + 1, 3, {} from public.wide where id = 1").format(
+        sql.Literal(wide.rows), sql.SQL(", ").join(sql.Identifier(n) for n in names)))
+
+
 @pytest.mark.parametrize("copy_format", ["text", "binary"])
 def test_every_catalog_type_round_trips_in_incremental_syncs(pair, wide, copy_format):
     if copy_format == "binary":
@@ -373,14 +385,7 @@ def test_every_catalog_type_round_trips_in_incremental_syncs(pair, wide, copy_fo
 
     # Every row takes the next row's values (through the staging table and the upsert), one row
     # goes, and a new row copies the first.
-    names = [c.name for c in wide.columns]
-    assignments = sql.SQL(", ").join(sql.SQL("{0} = _next.{0}").format(sql.Identifier(n)) for n in names)
-    pair.run(pair.source, sql.SQL(
-        "update public.wide set {}, changed_at = 2 from public.wide as _next "
-        "where _next.id = public.wide.id % {} + 1").format(assignments, sql.Literal(wide.rows)))
-    pair.run(pair.source, f"delete from public.wide where id = {wide.rows}")
-    pair.run(pair.source, sql.SQL("insert into public.wide select {} + 1, 3, {} from public.wide where id = 1").format(
-        sql.Literal(wide.rows), sql.SQL(", ").join(sql.Identifier(n) for n in names)))
+    change_every_row(pair, wide)
 
     second = sync_table(pair.source, pair.target, table)
 
