@@ -277,7 +277,7 @@ def main() -> None:
     parser.add_argument("--projects", default="demo,10,50,200")
     parser.add_argument("--idle-sleeps", default="",
                         help="also run the demo with these [scheduler] scheduler_idle_sleep_time values, e.g. 1,0.2")
-    parser.add_argument("--watcher-tasks", default="deferred",
+    parser.add_argument("--watcher-tasks", default="triggerer",
                         help="where watcher node tasks wait (DBT_WATCHER_TASKS), e.g. deferred,triggerer,worker")
     args = parser.parse_args()
     modes = args.modes.split(",")

@@ -226,13 +226,13 @@ if DBT_TEST_BEHAVIOR == "build" and DBT_EXECUTION_MODE == "watcher":
 
 # Each node's task asks for its node's result every second (Cosmos' default, every 10 s, adds
 # seconds to every step of the chain). DBT_WATCHER_TASKS says where a task waits for a node the
-# build has not reached yet: `deferred` (default): it starts in a worker, which ends it when its node
-# is done already, else defers to the one triggerer process, which ends the task there when the node
-# succeeded (include/dbt_watcher.py); `triggerer`: it starts in the triggerer (`start_from_trigger`),
-# no worker process unless it fails or is retried (measured faster at 50 models, slower on the demo's
-# longer chain: the README); `worker`: in its own worker process, polling.
+# build has not reached yet: `triggerer` (default): it starts in the triggerer (`start_from_trigger`),
+# which ends it there when its node succeeded: no worker process unless it fails or is retried
+# (include/dbt_watcher.py); `deferred`: it starts in a worker, which ends it when its node is done
+# already, else defers to the triggerer; `worker`: in its own worker process, polling. The README
+# compares the three.
 WATCHER_TASK_PLACES = ("triggerer", "deferred", "worker")
-DBT_WATCHER_TASKS = os.environ.get("DBT_WATCHER_TASKS", "deferred")
+DBT_WATCHER_TASKS = os.environ.get("DBT_WATCHER_TASKS", "triggerer")
 if DBT_WATCHER_TASKS not in WATCHER_TASK_PLACES:
     raise ValueError(f"DBT_WATCHER_TASKS={DBT_WATCHER_TASKS!r}: choose one of {', '.join(WATCHER_TASK_PLACES)}")
 WATCHER_SENSOR_ARGS = {"poke_interval": 1, "deferrable": DBT_WATCHER_TASKS != "worker"}

@@ -123,7 +123,7 @@ def test_the_transform_ran_one_dbt_build_and_each_node_task_logs_its_own_result(
     log = (logs / "task_id=dbt.models.marts.fact_events.run").rglob("*.log")
     text = "".join(path.read_text(errors="replace") for path in log)
     assert "dbt result of model.postgres_analytics.fact_events: success" in text
-    assert "SELECT" in text.split("dbt result of model.postgres_analytics.fact_events")[1][:300]  # rows written
+    assert "SELECT" in text.split("dbt result of model.postgres_analytics.fact_events: success")[1][:300]  # rows
     assert "Cloning project" not in text, "a node task ran dbt itself instead of reading the producer's result"
     test_log = "".join(p.read_text(errors="replace")
                        for p in (logs / "task_id=dbt.models.marts.fact_events.test").rglob("*.log"))
