@@ -155,7 +155,8 @@ def _offset(value: str | None, origin: datetime) -> float | None:
 
 def task_timeline(client: airflow.AirflowClient, run: dict) -> list[dict]:
     """Each task of a run, in seconds from the run's start: when it could have started (its last
-    upstream task ended), was queued by the scheduler, started in a worker process, and ended."""
+    upstream task ended), was queued by the scheduler (never, for a task started in the triggerer),
+    started in a worker process or the triggerer, and ended."""
     dag_id, run_id = runner.TRANSFORM_DAG, run["dag_run_id"]
     origin = datetime.fromisoformat(run["start_date"])
     upstream: dict[str, list[str]] = {}
@@ -196,13 +197,17 @@ def print_timeline(settings: StackSettings, run: dict, rows: list[dict]) -> dict
     print(f"{'task':<58} {'ready':>6} {'queued':>7} {'started':>8} {'ended':>6}  sched  start  parse    run")
     totals = {"sched": 0.0, "start": 0.0, "parse": 0.0, "run": 0.0}
     for row in critical_path(rows):
-        sched = (row["queued"] or 0.0) - row["ready"]
-        start = (row["started"] or 0.0) - (row["queued"] or 0.0)
+        # A task started in the triggerer (start_from_trigger) is never queued: the scheduler hands
+        # it to the triggerer and stamps its start; its "run" is the trigger's pick-up and wait.
+        queued = row["queued"] if row["queued"] is not None else row["started"]
+        sched = (queued or 0.0) - row["ready"]
+        start = (row["started"] or 0.0) - (queued or 0.0)
         parse = task_parse_seconds(settings, label, row["task_id"]) or 0.0
         run_s = (row["ended"] or 0.0) - (row["started"] or 0.0) - parse
         for key, value in (("sched", sched), ("start", start), ("parse", parse), ("run", run_s)):
             totals[key] += value
-        print(f"{row['task_id']:<58} {row['ready']:6.1f} {row['queued'] or 0:7.1f} {row['started'] or 0:8.1f} "
+        queued_text = "-" if row["queued"] is None else f"{row['queued']:.1f}"
+        print(f"{row['task_id']:<58} {row['ready']:6.1f} {queued_text:>7} {row['started'] or 0:8.1f} "
               f"{row['ended'] or 0:6.1f} {sched:6.1f} {start:6.1f} {parse:6.2f} {run_s:6.1f}")  # fmt: skip
     print(f"{'sum along the critical path':<58} {'':>30} {totals['sched']:6.1f} {totals['start']:6.1f} "
           f"{totals['parse']:6.2f} {totals['run']:6.1f}")  # fmt: skip

@@ -33,7 +33,7 @@ from airflow.sdk import dag, get_current_context, task
 
 from include.dbt_config import DBT_MANIFEST, transform_task_group
 from include.ingestion import transform_schedule
-from include.pipeline import built_once, describe_asset_events, task_defaults
+from include.pipeline import TABLES_CONFIG, built_once, describe_asset_events, task_defaults
 
 
 @dag(
@@ -56,5 +56,6 @@ def transform_dbt():
     transform_task_group()
 
 
-# A task process forked from the scheduler reuses the DAG it parsed (include/pipeline.py: built_once).
-dag_object = built_once(transform_dbt, __file__, DBT_MANIFEST)
+# A process forked from the scheduler or the dag-processor reuses the DAG it parsed, unless one of
+# these files changed (include/pipeline.py: built_once). tables.yml: the schedule's Assets.
+dag_object = built_once(transform_dbt, __file__, DBT_MANIFEST, TABLES_CONFIG)

@@ -152,7 +152,7 @@ class NodeResultTrigger(WatcherTrigger):
         return get_status_xcom_key(self.model_unique_id)
 
     async def _node_status(self, *, unlisted_too: bool = False) -> str | None:
-        """The node's dbt status, once the producer lists it as published (or `unlisted_too`)."""
+        """The node's dbt status, once the producer lists it as published (or, `unlisted_too`, read alone)."""
         key = self._result_key()
         if not unlisted_too:
             published = await self._shared_read(
@@ -160,7 +160,9 @@ class NodeResultTrigger(WatcherTrigger):
                 PUBLISHED_RESULTS_EVERY_S,
                 lambda: self.get_xcom_val(PUBLISHED_RESULTS_KEY),
             )
-            if key not in (published or ()):
+            if isinstance(published, dict) and key in published:
+                return published[key]
+            if key not in (published or ()):  # a list: from a producer started before the statuses were added
                 return None
         await _pace.turn()
         value = await self.get_xcom_val(key)
@@ -223,7 +225,9 @@ class NodeResultTrigger(WatcherTrigger):
 NODE_KEY_SUFFIXES = ("_dbt_event", "_status", "_compiled_sql", "_tests_status")
 # What the node tasks wait for: a model's `_status`, its tests' `_tests_status` (both end so).
 RESULT_KEY_SUFFIX = "_status"
-# One XCom listing every result key sent so far, so a waiting trigger reads one key a run, not its node's.
+# One XCom mapping every result key sent so far to its dbt status, so a waiting trigger reads one key
+# a run, not its node's: at 200 models one paced read per node kept the last nodes' tasks waiting
+# tens of seconds after the build.
 PUBLISHED_RESULTS_KEY = "dbt_published_results"
 PUBLISHED_RESULTS_EVERY_S = 0.25
 # A node's dbt event while it runs (NodeStart, NodeCompiling, NodeExecuting): no task reads it, a
@@ -239,9 +243,9 @@ class QueuedXComPushes:
     waits for the queue to empty and is sent at once, so it stays ordered after the node results.
     `close()` sends everything left and raises the first failed push.
 
-    After sending node results it also sends `PUBLISHED_RESULTS_KEY`, the list of result keys sent
-    so far: when the queue runs empty, or every `PUBLISHED_RESULTS_EVERY_S` while it does not. A key
-    in that list has been sent.
+    After sending node results it also sends `PUBLISHED_RESULTS_KEY`, each result key sent so far
+    with its dbt status: when the queue runs empty, or every `PUBLISHED_RESULTS_EVERY_S` while it does
+    not. A key there has been sent, with that status.
     """
 
     def __init__(self, push: Any) -> None:
@@ -250,7 +254,7 @@ class QueuedXComPushes:
         self._in_flight = False
         self._closed = False
         self._error: BaseException | None = None
-        self._published: list[str] = []
+        self._published: dict[str, Any] = {}
         self._published_sent_at = 0.0
         self._published_pending = False
         self._changed = threading.Condition()
@@ -280,7 +284,7 @@ class QueuedXComPushes:
                 if self._published_pending and (
                     not self._pending or time.monotonic() - self._published_sent_at >= PUBLISHED_RESULTS_EVERY_S
                 ):
-                    key, value = PUBLISHED_RESULTS_KEY, list(self._published)
+                    key, value = PUBLISHED_RESULTS_KEY, dict(self._published)
                     self._published_pending, self._published_sent_at = False, time.monotonic()
                 elif self._pending:
                     key = next(iter(self._pending))
@@ -299,8 +303,8 @@ class QueuedXComPushes:
                     self._in_flight = False
                     if sent:
                         self.sent += 1
-                        if key.endswith(RESULT_KEY_SUFFIX):
-                            self._published.append(key)
+                        if key.endswith(RESULT_KEY_SUFFIX):  # a model's {"status", ...}, its tests' status
+                            self._published[key] = value.get("status") if isinstance(value, dict) else value
                             self._published_pending = True
                     self._changed.notify_all()
 

@@ -185,17 +185,25 @@ _DAG_SETTINGS_PREFIXES = ("DBT_", "PIPELINE_", "AIRFLOW_CONN_WAREHOUSE_POSTGRES"
 _built_dags: dict[tuple[str, str, str], tuple[tuple[Any, ...], Any]] = {}
 
 
+def _mtime_ns(path: str | Path) -> int | None:
+    try:
+        return Path(path).stat().st_mtime_ns
+    except FileNotFoundError:  # an input not there (yet): building tells what is missing
+        return None
+
+
 def built_once(build: Callable[[], Any], *inputs: str | Path) -> Any:
     """The DAG `build()` returns, built once per process for the same input files and settings.
 
     A task process parses its DAG file only to find its own task. Forked from a scheduler (or worker)
     that already parsed the DAG files (config/airflow_local_settings.py), it gets that DAG object
     back instead of rendering every Cosmos task again: for a project of N nodes that is one O(N)
-    render per scheduler start instead of one per task. Any change to an input file (the DAG file,
+    render per scheduler start instead of one per task. The dag-processor's parses of an unchanged
+    DAG file are forked the same way. Any change to an input file (the DAG file,
     the dbt manifest) or to a setting builds it anew.
     """
     key = (
-        *((str(path), Path(path).stat().st_mtime_ns) for path in inputs),
+        *((str(path), _mtime_ns(path)) for path in inputs),
         *sorted((k, v) for k, v in os.environ.items() if k.startswith(_DAG_SETTINGS_PREFIXES)),
     )
     slot = (build.__module__, build.__qualname__, str(inputs[0]) if inputs else "")

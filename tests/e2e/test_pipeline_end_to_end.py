@@ -7,6 +7,7 @@ incremental ingestion, then a table that fails, its alert, and the recovery by c
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -141,6 +142,16 @@ def test_node_tasks_ended_in_the_triggerer_sent_the_dag_processor_no_callback_re
     triggerer_log = (stack.settings.airflow_home / "logs" / "triggerer.log").read_text(errors="replace")
     requests = [line for line in triggerer_log.splitlines() if "Sending callback" in line and run_id in line]
     assert requests == []
+
+
+def test_the_scheduler_and_the_dag_processor_parsed_the_dags_once_before_forking(stack, pipeline_run):
+    """Task processes and the dag-processor's parses reuse that parse (config/airflow_local_settings.py)."""
+    logs = stack.settings.airflow_home / "logs"
+    scheduler = (logs / "scheduler.log").read_text(errors="replace")
+    dag_processor = (logs / "dag-processor.log").read_text(errors="replace")
+    assert re.search(r"preloaded dbt and [1-9]\d* DAGs for forked processes", scheduler)
+    assert re.search(r"preloaded [1-9]\d* DAGs for forked processes", dag_processor)
+    assert "could not preload" not in scheduler + dag_processor
 
 
 def test_marts_hold_the_values_computed_from_the_source(stack, pipeline_run):

@@ -111,3 +111,25 @@ def test_a_changed_project_file_drops_the_project_modules_but_never_main(tmp_pat
     os.utime(project_module, ns=(1, 1))
     settings.forget_changed_project_modules()
     assert "edited" not in sys.modules and sys.modules["__main__"] is main
+
+
+def test_a_forked_dag_parse_reuses_the_built_dag_until_an_input_or_setting_changes(tmp_path, monkeypatch):
+    """The transform DAG's inputs: its file, the manifest and tables.yml (the schedule's Assets)."""
+    builds = []
+
+    def build():
+        builds.append(object())
+        return builds[-1]
+
+    dag_file, manifest, tables = (tmp_path / name for name in ("dag.py", "manifest.json", "tables.yml"))
+    dag_file.write_text("")
+    manifest.write_text("{}")
+    assert pipeline.built_once(build, dag_file, manifest, tables) is builds[0]  # tables.yml not there yet
+    assert pipeline.built_once(build, dag_file, manifest, tables) is builds[0] and len(builds) == 1
+    tables.write_text("tables: []")
+    assert pipeline.built_once(build, dag_file, manifest, tables) is builds[1]
+    os.utime(tables, ns=(1, 1))
+    assert pipeline.built_once(build, dag_file, manifest, tables) is builds[2]
+    monkeypatch.setenv("DBT_WATCHER_TASKS", "worker")
+    assert pipeline.built_once(build, dag_file, manifest, tables) is builds[3]
+    assert pipeline.built_once(build, dag_file, manifest, tables) is builds[3] and len(builds) == 4

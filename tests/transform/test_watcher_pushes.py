@@ -44,7 +44,7 @@ def test_dbt_threads_never_wait_for_the_api_and_every_result_is_sent_once_closed
     assert queued_in < 0.05, f"queueing 40 pushes took {queued_in:.3f} s: the caller waited for the API"
     results = [(k, v) for k, v in api.sent if k != PUBLISHED_RESULTS_KEY]
     assert results == [(f"model__p__m{n}_status", {"status": "success", "outlet_uris": [f"uri{n}"]}) for n in range(40)]
-    assert api.sent[-1] == (PUBLISHED_RESULTS_KEY, [f"model__p__m{n}_status" for n in range(40)])
+    assert api.sent[-1] == (PUBLISHED_RESULTS_KEY, {f"model__p__m{n}_status": "success" for n in range(40)})
 
 
 def test_a_key_pushed_again_before_it_was_sent_is_sent_once_with_its_latest_value_after_earlier_pushes():
@@ -85,22 +85,24 @@ def test_any_other_key_is_sent_at_once_after_the_queued_node_results():
     queue.close()
 
 
-def test_the_published_list_only_names_results_already_sent():
+def test_the_published_statuses_only_name_results_already_sent_with_their_status():
     api = SlowApi(delay=0.005)
     queue = QueuedXComPushes(api.push)
     for n in range(30):
         queue.xcom_push(f"model__p__m{n}_dbt_event", {"status": "success"})
         queue.xcom_push(f"model__p__m{n}_status", {"status": "success", "outlet_uris": []})
-        queue.xcom_push(f"model__p__m{n}_tests_status", "pass")
+        queue.xcom_push(f"model__p__m{n}_tests_status", "fail" if n == 7 else "pass")
         time.sleep(0.003)
     queue.close()
     listings = [i for i, (key, _) in enumerate(api.sent) if key == PUBLISHED_RESULTS_KEY]
-    assert listings, "no list of published results was sent"
+    assert listings, "no published statuses were sent"
     for i in listings:
         listed = api.sent[i][1]
         assert set(listed) <= set(api.keys()[:i]), f"listing {i} names a result not sent before it"
         assert all(key.endswith("_status") for key in listed)
-    assert len(api.sent[listings[-1]][1]) == 60 and listings[-1] == len(api.sent) - 1
+    assert listings[-1] == len(api.sent) - 1
+    assert api.sent[-1][1] == {**{f"model__p__m{n}_status": "success" for n in range(30)},
+                               **{f"model__p__m{n}_tests_status": "fail" if n == 7 else "pass" for n in range(30)}}
 
 
 def test_a_failed_push_is_raised_when_closing_and_the_other_results_are_still_sent():
@@ -111,4 +113,4 @@ def test_a_failed_push_is_raised_when_closing_and_the_other_results_are_still_se
     with pytest.raises(ConnectionError, match="model__p__b_status"):
         queue.close()
     assert [k for k in api.keys() if k != PUBLISHED_RESULTS_KEY] == ["model__p__a_status", "model__p__c_status"]
-    assert api.sent[-1] == (PUBLISHED_RESULTS_KEY, ["model__p__a_status", "model__p__c_status"])
+    assert api.sent[-1] == (PUBLISHED_RESULTS_KEY, {"model__p__a_status": "success", "model__p__c_status": "success"})
