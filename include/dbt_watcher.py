@@ -155,11 +155,7 @@ class NodeResultTrigger(WatcherTrigger):
         """The node's dbt status, once the producer lists it as published (or, `unlisted_too`, read alone)."""
         key = self._result_key()
         if not unlisted_too:
-            published = await self._shared_read(
-                "published",
-                PUBLISHED_RESULTS_EVERY_S,
-                lambda: self.get_xcom_val(PUBLISHED_RESULTS_KEY),
-            )
+            published = await self._published()
             if isinstance(published, dict) and key in published:
                 return published[key]
             if key not in (published or ()):  # a list: from a producer started before the statuses were added
@@ -171,9 +167,16 @@ class NodeResultTrigger(WatcherTrigger):
         self._outlet_uris = value.get("outlet_uris", [])
         return value.get("status")
 
+    async def _published(self) -> Any:
+        return await self._shared_read("published", PUBLISHED_RESULTS_EVERY_S,
+                                       lambda: self.get_xcom_val(PUBLISHED_RESULTS_KEY))
+
     async def _log_results(self) -> None:
+        published = await self._published()
         for unique_id in self.watched:
-            logger.info("%s", dbt_result_line(unique_id, await self.get_xcom_val(get_dbt_event_xcom_key(unique_id))))
+            key = get_dbt_event_xcom_key(unique_id)
+            event = published.get(key) if isinstance(published, dict) else None
+            logger.info("%s", dbt_result_line(unique_id, event or await self.get_xcom_val(key)))
         if not self.is_test_sensor:
             compiled_sql = await self.get_xcom_val(get_compiled_sql_xcom_key(self.model_unique_id))
             if compiled_sql:
@@ -225,10 +228,11 @@ class NodeResultTrigger(WatcherTrigger):
 NODE_KEY_SUFFIXES = ("_dbt_event", "_status", "_compiled_sql", "_tests_status")
 # What the node tasks wait for: a model's `_status`, its tests' `_tests_status` (both end so).
 RESULT_KEY_SUFFIX = "_status"
-# One XCom mapping every result key sent so far to its dbt status, so a waiting trigger reads one key
-# a run, not its node's: at 200 models one paced read per node kept the last nodes' tasks waiting
-# tens of seconds after the build.
+# One XCom mapping every result key sent so far to its dbt status, and every node's terminal event
+# key to what its task logs of it, so a waiting trigger reads one key a run, not its node's: at 200
+# models one read per node kept the last nodes' tasks waiting tens of seconds after the build.
 PUBLISHED_RESULTS_KEY = "dbt_published_results"
+LOGGED_EVENT_FIELDS = ("status", "start_time", "finish_time", "msg")  # dbt_result_line's
 PUBLISHED_RESULTS_EVERY_S = 0.25
 # A node's dbt event while it runs (NodeStart, NodeCompiling, NodeExecuting): no task reads it, a
 # node's task logs the terminal one.
@@ -244,8 +248,8 @@ class QueuedXComPushes:
     `close()` sends everything left and raises the first failed push.
 
     After sending node results it also sends `PUBLISHED_RESULTS_KEY`, each result key sent so far
-    with its dbt status: when the queue runs empty, or every `PUBLISHED_RESULTS_EVERY_S` while it does
-    not. A key there has been sent, with that status.
+    with its dbt status and each terminal event with its logged fields: when the queue runs empty, or
+    every `PUBLISHED_RESULTS_EVERY_S` while it does not. A key there has been sent, with that value.
     """
 
     def __init__(self, push: Any) -> None:
@@ -306,6 +310,8 @@ class QueuedXComPushes:
                         if key.endswith(RESULT_KEY_SUFFIX):  # a model's {"status", ...}, its tests' status
                             self._published[key] = value.get("status") if isinstance(value, dict) else value
                             self._published_pending = True
+                        elif key.endswith("_dbt_event") and isinstance(value, dict):
+                            self._published[key] = {field: value.get(field) for field in LOGGED_EVENT_FIELDS}
                     self._changed.notify_all()
 
     def flush(self) -> None:

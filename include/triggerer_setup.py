@@ -47,7 +47,7 @@ def install() -> None:
 
 
 RUNNER_LOOP_S = 0.1  # Airflow's trigger runner: 1 s
-CLEAN_UNUSED_EVERY_S = 1.0  # the supervisor's cleanup of unused triggers, as often as Airflow's 1 s loop ran it
+CLEAN_UNUSED_EVERY_S = 1.0  # the supervisor's cleanup of unused triggers: as often as with Airflow's 1 s loop
 
 
 class _ShorterWaits:
@@ -69,10 +69,13 @@ def sync_triggers_more_often() -> None:
     The runner sleeps a second between exchanges (its loop's `anyio.move_on_after(1)`, not a
     setting), so a trigger started a second late on average and its event reached the database
     another half second later: a dbt node's task spent 2-3 s in the triggerer although its result was
-    ready, on every step of the transform's chain. Each exchange wakes the supervisor's loop, which
-    reads the triggers table to assign new ones (what a node task waits for), then deletes unused
-    triggers: that cleanup, two queries over every trigger, still runs at most once a second
-    (`CLEAN_UNUSED_EVERY_S`); ten a second took a fifth of the triggerer's time at 200 dbt models.
+    ready, on every step of the transform's chain.
+
+    The supervisor's loop runs again for every message from the runner, its triggers' reads included,
+    and each time assigns new triggers (queries over every trigger) and deletes unused ones. At 200
+    dbt models that housekeeping took most of its time, and the reads it serves between two rounds
+    waited 5-10 s each (py-spy of the triggerer). Now new triggers are assigned at most every
+    RUNNER_LOOP_S and unused ones deleted at most every CLEAN_UNUSED_EVERY_S.
     """
     try:
         from airflow.jobs import triggerer_job_runner
@@ -83,6 +86,7 @@ def sync_triggers_more_often() -> None:
         triggerer_job_runner.anyio = _ShorterWaits(triggerer_job_runner.anyio)
     supervisor = triggerer_job_runner.TriggerRunnerSupervisor
     if not getattr(supervisor.clean_unused, "throttled", False):
+        supervisor.load_triggers = _at_most_every(RUNNER_LOOP_S, supervisor.load_triggers)
         supervisor.clean_unused = _at_most_every(CLEAN_UNUSED_EVERY_S, supervisor.clean_unused)
 
 

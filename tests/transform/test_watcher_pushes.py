@@ -89,7 +89,8 @@ def test_the_published_statuses_only_name_results_already_sent_with_their_status
     api = SlowApi(delay=0.005)
     queue = QueuedXComPushes(api.push)
     for n in range(30):
-        queue.xcom_push(f"model__p__m{n}_dbt_event", {"status": "success"})
+        queue.xcom_push(f"model__p__m{n}_dbt_event", {"status": "success", "start_time": "10:00:00",  # fmt: skip
+                                                      "finish_time": "10:00:01", "msg": "CREATE VIEW", "node": {}})
         queue.xcom_push(f"model__p__m{n}_status", {"status": "success", "outlet_uris": []})
         queue.xcom_push(f"model__p__m{n}_tests_status", "fail" if n == 7 else "pass")
         time.sleep(0.003)
@@ -99,10 +100,12 @@ def test_the_published_statuses_only_name_results_already_sent_with_their_status
     for i in listings:
         listed = api.sent[i][1]
         assert set(listed) <= set(api.keys()[:i]), f"listing {i} names a result not sent before it"
-        assert all(key.endswith("_status") for key in listed)
+        assert all(key.endswith(("_status", "_dbt_event")) for key in listed)
     assert listings[-1] == len(api.sent) - 1
+    logged = {"status": "success", "start_time": "10:00:00", "finish_time": "10:00:01", "msg": "CREATE VIEW"}
     assert api.sent[-1][1] == {**{f"model__p__m{n}_status": "success" for n in range(30)},
-                               **{f"model__p__m{n}_tests_status": "fail" if n == 7 else "pass" for n in range(30)}}
+                               **{f"model__p__m{n}_tests_status": "fail" if n == 7 else "pass" for n in range(30)},
+                               **{f"model__p__m{n}_dbt_event": logged for n in range(30)}}
 
 
 def test_a_failed_push_is_raised_when_closing_and_the_other_results_are_still_sent():
