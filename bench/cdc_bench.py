@@ -8,9 +8,10 @@ warehouse apart (so the slot does not decode the warehouse's own writes). The 2M
 copy_engine_bench is synced three ways after its first load: incremental on its cursor column,
 incremental with hard delete detection, and cdc. Each round updates 1% of the rows and deletes
 0.01%, then each table syncs exactly that change (counts asserted). Then a skewed day: 100,000
-updates to 1,000 keys in 100 transactions, where CDC coalesces per key. Also timed: reading the same
-changes through the SQL function (`pg_logical_slot_peek_binary_changes`) and through the
-replication protocol (psycopg2's LogicalReplicationConnection), which is how the engine chose the
+updates to 1,000 keys in 100 transactions, where CDC coalesces per key. Also timed, for the last
+round's changes and the skewed day's, without applying them: reading them through the SQL function
+(`pg_logical_slot_peek_binary_changes`, the engine's `read_changes`) and through the replication
+protocol (`bench/slot_stream.py`), both into the engine's decoder, which is how the engine chose the
 SQL function. Prints a Markdown table; raw numbers go to bench/results/cdc.json.
 """
 
@@ -26,12 +27,11 @@ import time
 from pathlib import Path
 
 import psycopg
-import psycopg2
-import psycopg2.extras
 
 from bench.copy_engine_bench import ROOT, TABLE_DDL, TABLE_ROWS, execute, median_of, settle
+from bench.slot_stream import stream_changes
 from include.copy_engine import SyncReport, TableConfig, sync_table
-from include.copy_engine._cdc import PgOutputDecoder, lsn_int, read_changes, replication_name
+from include.copy_engine._cdc import PgOutputDecoder, read_changes, replication_name
 from include.local_stack.postgres import EmbeddedPostgres, create_database, free_port
 
 
@@ -108,6 +108,10 @@ def measure(source_admin: str, target_admin: str, args: argparse.Namespace) -> d
             changed = conn.execute("update public.bench set price = price + 1, updated_at = clock_timestamp() "
                                    "where id %% 100 = %s", (round_number,)).rowcount
             deleted = conn.execute("delete from public.bench where id %% 10000 = %s", (50 + round_number,)).rowcount
+        if round_number == args.repeat:  # the readers on a 1% round's changes (nothing is consumed)
+            print("  reading the round's changes both ways ...", file=sys.stderr)
+            settle(source)
+            round_readers = compare_readers(source, target, tables["cdc"])
         # The runs alternate their order from round to round.
         order = list(tables) if round_number % 2 else list(reversed(tables))
         for name in order:
@@ -141,6 +145,8 @@ def measure(source_admin: str, target_admin: str, args: argparse.Namespace) -> d
     skew["incremental_deletes_s"] = round(elapsed, 3)
     return {"rows": args.rows, "repeat": args.repeat, "changed_per_round": changed, "deleted_per_round": deleted,
             "seconds": seconds, "runs": runs, "skew": skew,
+            "round_readers": {"peek_read_s": round_readers[0], "protocol_read_s": round_readers[1],
+                              "messages": round_readers[2]},
             "machine": {"cores": os.cpu_count(), "platform": platform.platform(),
                         "python": platform.python_version()}}
 
@@ -153,11 +159,15 @@ def execute_scalar(dsn: str, query: str) -> int:
 
 
 def compare_readers(source: str, target: str, config: TableConfig) -> tuple[float, float, int]:
-    """Seconds to read and decode the slot's pending changes by SQL function and by replication protocol."""
+    """Seconds to read and decode the slot's pending changes by the SQL function (the engine's `read_changes`)
+    and by the replication protocol (`bench.slot_stream`), both into the engine's decoder; nothing is consumed."""
     with psycopg.connect(target) as conn:
         name = replication_name(config.target, conn.info.dbname)
     with psycopg.connect(source) as conn:
-        upto = str(conn.execute("select pg_current_wal_flush_lsn()::text").fetchone()[0])  # type: ignore[index]
+        row = conn.execute("select pg_current_wal_flush_lsn()::text, confirmed_flush_lsn::text "
+                           "from pg_replication_slots where slot_name = %s", (name,)).fetchone()
+        assert row is not None
+        upto, start = str(row[0]), str(row[1])
         conn.commit()
         columns = [str(row[0]) for row in conn.execute(
             "select attname from pg_attribute where attrelid = 'public.bench'::regclass and attnum > 0 "
@@ -171,31 +181,21 @@ def compare_readers(source: str, target: str, config: TableConfig) -> tuple[floa
             messages += 1
         peek_s = time.perf_counter() - started
     print(f"  read {messages} messages by peek in {peek_s:.2f}s", file=sys.stderr)
-    connection = psycopg2.connect(source, connection_factory=psycopg2.extras.LogicalReplicationConnection)
-    try:
-        cursor = connection.cursor()
-        started = time.perf_counter()
-        cursor.start_replication(slot_name=name, decode=False,
-                                 options={"proto_version": "1", "publication_names": name})
-        decoder = PgOutputDecoder(columns, ("id",), 0)
-        received = 0
-        end = lsn_int(upto)
-        while True:
-            message = cursor.read_message()
-            if message is None:
-                if cursor.wal_end >= end and received >= messages:
-                    break
-                time.sleep(0.001)
-                continue
-            decoder.feed(bytes(message.payload))
+    started = time.perf_counter()
+    decoder = PgOutputDecoder(columns, ("id",), 0)
+    received = 0
+    with psycopg.connect(source, replication="database", autocommit=True) as conn:
+        for message in stream_changes(conn, name, start, upto):
+            decoder.feed(message)
             received += 1
-            if received >= messages:
-                break
-        protocol_s = time.perf_counter() - started
-    finally:
-        connection.close()
-    print(f"  read {received} messages by the replication protocol in {protocol_s:.2f}s", file=sys.stderr)
-    return round(peek_s, 3), round(protocol_s, 3), messages
+    stream_s = time.perf_counter() - started
+    assert received == messages, (received, messages)
+    with psycopg.connect(source) as conn:  # the stream confirmed nothing and released the slot
+        row = conn.execute("select confirmed_flush_lsn::text, active_pid from pg_replication_slots "
+                           "where slot_name = %s", (name,)).fetchone()
+    assert row == (start, None), (row, start)
+    print(f"  read {messages} messages by the replication protocol in {stream_s:.2f}s", file=sys.stderr)
+    return round(peek_s, 3), round(stream_s, 3), messages
 
 
 def print_table(results: dict[str, object]) -> None:
@@ -207,6 +207,10 @@ def print_table(results: dict[str, object]) -> None:
     print("| run | seconds | vs cursor incremental |\n|---|---:|---:|")
     for name in ("incremental", "incremental_deletes", "cdc"):
         print(f"| {name} | {seconds[name]:.2f} | {seconds[name] / base:.2f}x |")
+    readers: dict[str, float] = results["round_readers"]  # type: ignore[assignment]
+    print(f"\nreading the last round's {readers['messages']:,} messages, without applying them: by "
+          f"`pg_logical_slot_peek_binary_changes` {readers['peek_read_s']:.2f} s, by the replication protocol "
+          f"{readers['protocol_read_s']:.2f} s")
     print(f"\nskewed day: {skew['updates']:,} updates to {skew['keys']:,} keys ({skew['messages']:,} messages)\n")
     print("| run | seconds |\n|---|---:|")
     for name in ("cdc_s", "incremental_s", "incremental_deletes_s", "peek_read_s", "protocol_read_s"):
