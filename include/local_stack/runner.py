@@ -285,7 +285,18 @@ def dbt_task_kind(task_id: str) -> str | None:
 
 
 # A CDC run's changes have no source snapshot to compare with: not validated (its first load is).
-_VALIDATION = {True: "ok", None: "not validated"}
+_VALIDATION = {True: "validation ok", False: "validation MISMATCH", None: "not validated"}
+
+
+def table_line(uri: str, extra: dict) -> str:
+    """One copied table in the summary, from its Asset event's extra (the run report)."""
+    table = "/".join(uri.split("/")[-2:]).replace("/", ".")
+    match = extra.get("validation_match")
+    return (
+        f"    {table:<24} {extra.get('mode', ''):<12} read {extra.get('rows_read', '?'):>8}  "
+        f"+{extra.get('rows_inserted', '?')} ~{extra.get('rows_updated', '?')} -{extra.get('rows_deleted', '?')}"
+        f"  {_VALIDATION.get(match, f'validation {match}')}"
+    )
 
 
 def summary(settings: StackSettings, client: airflow.AirflowClient, run: PipelineRun, total_seconds: float) -> str:
@@ -296,12 +307,7 @@ def summary(settings: StackSettings, client: airflow.AirflowClient, run: Pipelin
     if run.tables:
         lines.append("  Tables copied into the warehouse:")
     for uri, extra in sorted(run.tables.items()):
-        table = "/".join(uri.split("/")[-2:]).replace("/", ".")
-        lines.append(
-            f"    {table:<24} {extra.get('mode', ''):<12} read {extra.get('rows_read', '?'):>8}  "
-            f"+{extra.get('rows_inserted', '?')} ~{extra.get('rows_updated', '?')} -{extra.get('rows_deleted', '?')}"
-            f"  validation {_VALIDATION.get(extra.get('validation_match'), extra.get('validation_match'))}"
-        )
+        lines.append(table_line(uri, extra))
         lines += [f"      note: {note}" for note in extra.get("notes") or []]
     trigger = "triggered by the raw tables' Asset events" if run.tables else "triggered by `make run`"
     lines += [

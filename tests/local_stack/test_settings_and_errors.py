@@ -133,3 +133,14 @@ def test_a_forked_dag_parse_reuses_the_built_dag_until_an_input_or_setting_chang
     monkeypatch.setenv("DBT_WATCHER_TASKS", "worker")
     assert pipeline.built_once(build, dag_file, manifest, tables) is builds[3]
     assert pipeline.built_once(build, dag_file, manifest, tables) is builds[3] and len(builds) == 4
+
+
+def test_the_summary_says_what_was_validated_for_each_copied_table():
+    uri = "postgres://127.0.0.1:55432/warehouse/raw/exchanges"
+    cdc = {"mode": "cdc", "rows_read": 5, "rows_inserted": 2, "rows_updated": 2, "rows_deleted": 1,
+           "validation_match": None}
+    assert runner.table_line(uri, cdc) == (
+        "    raw.exchanges            cdc          read        5  +2 ~2 -1  not validated")
+    full = {**cdc, "mode": "incremental", "validation_match": True}
+    assert runner.table_line(uri, full).endswith("read        5  +2 ~2 -1  validation ok")
+    assert runner.table_line(uri, {**full, "validation_match": False}).endswith("  validation MISMATCH")
