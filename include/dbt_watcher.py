@@ -225,7 +225,8 @@ class NodeResultTrigger(WatcherTrigger):
 
 
 # The XCom keys Cosmos' producer publishes per dbt node (`<unique_id with __>_<suffix>`).
-NODE_KEY_SUFFIXES = ("_dbt_event", "_status", "_compiled_sql", "_tests_status")
+EVENT_KEY_SUFFIX = "_dbt_event"
+NODE_KEY_SUFFIXES = (EVENT_KEY_SUFFIX, "_status", "_compiled_sql", "_tests_status")
 # What the node tasks wait for: a model's `_status`, its tests' `_tests_status` (both end so).
 RESULT_KEY_SUFFIX = "_status"
 # One XCom mapping every result key sent so far to its dbt status, and every node's terminal event
@@ -271,7 +272,7 @@ class QueuedXComPushes:
             self.flush()
             self._push(key=key, value=value, **kwargs)
             return
-        if key.endswith("_dbt_event") and isinstance(value, dict) and value.get("status") in RUNNING_NODE_STATUSES:
+        if key.endswith(EVENT_KEY_SUFFIX) and isinstance(value, dict) and value.get("status") in RUNNING_NODE_STATUSES:
             self.skipped += 1
             return
         with self._changed:
@@ -310,7 +311,7 @@ class QueuedXComPushes:
                         if key.endswith(RESULT_KEY_SUFFIX):  # a model's {"status", ...}, its tests' status
                             self._published[key] = value.get("status") if isinstance(value, dict) else value
                             self._published_pending = True
-                        elif key.endswith("_dbt_event") and isinstance(value, dict):
+                        elif key.endswith(EVENT_KEY_SUFFIX) and isinstance(value, dict):
                             self._published[key] = {field: value.get(field) for field in LOGGED_EVENT_FIELDS}
                     self._changed.notify_all()
 

@@ -199,8 +199,8 @@ def built_once(build: Callable[[], Any], *inputs: str | Path) -> Any:
     that already parsed the DAG files (config/airflow_local_settings.py), it gets that DAG object
     back instead of rendering every Cosmos task again: for a project of N nodes that is one O(N)
     render per scheduler start instead of one per task. The dag-processor's parses of an unchanged
-    DAG file are forked the same way. Any change to an input file (the DAG file,
-    the dbt manifest) or to a setting builds it anew.
+    DAG file are forked the same way. Any change to an input file (the DAG file, the dbt manifest,
+    tables.yml) or to a setting builds it anew; an input not there counts as one more state.
     """
     key = (
         *((str(path), _mtime_ns(path)) for path in inputs),
