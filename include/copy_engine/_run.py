@@ -344,6 +344,12 @@ class TableRun:
         follows the rows written, not the table. Rows whose values are all equal are not rewritten.
         `computed` columns are written by the insert only: the caller computes them after.
         """
+        row = self.tgt.execute(self.upsert_query(rows, computed=computed)).fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+    def upsert_query(self, rows: sql.Composable, *, computed: Collection[str] = ()) -> sql.Composable:
+        """`upsert`'s statement, for a caller that sends it itself: its one row is (inserted, updated)."""
         names, plan, shape = self.names, self.plan, self.shape
         key = list(shape.primary_key)
         values = [c for c in plan.columns if c not in key and c not in computed]
@@ -373,9 +379,7 @@ class TableRun:
                select count(*) filter (where inserted), count(*) filter (where not inserted) from written"""
         ).format(target=names.target, columns=column_list(plan.columns), rows=rows, key=column_list(key),
                  action=action)
-        row = self.tgt.execute(query).fetchone()
-        assert row is not None
-        return int(row[0]), int(row[1])
+        return query
 
     def replace_rows(self, load: Callable[[], int], key_changes: Callable[[TableRun], tuple[int, int]]) -> int:
         """Replace the target's rows in place: lock it, drop its key, TRUNCATE, `load()`, rebuild the key.

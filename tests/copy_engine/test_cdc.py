@@ -143,14 +143,37 @@ def slot_of(pair: Pair) -> dict[str, object] | None:
     return dict(rows[0][0]) if rows else None  # type: ignore[call-overload]
 
 
-@pytest.mark.parametrize("values", ["binary", "text"])
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[int, int, int]]]:
+    """Make `_write` stage and apply a few rows per chunk (first 1 byte, then twice the size, at most 400 bytes);
+    returns, per `_write`, its chunks' (rows, deletes, rows keeping a TOASTed value)."""
+    monkeypatch.setattr(_cdc, "_FIRST_CHUNK", 1)
+    monkeypatch.setattr(_cdc, "_CHUNK_GROWTH", 2)
+    monkeypatch.setattr(_cdc, "_LARGEST_CHUNK", 400)
+    writes: list[list[tuple[int, int, int]]] = []
+    stage_rows = _cdc.PgOutputDecoder.stage_rows
+
+    def spy(self: _cdc.PgOutputDecoder, *args: object, **kwargs: object) -> Iterator[_cdc.StageChunk]:
+        writes.append([])
+        for chunk in stage_rows(self, *args, **kwargs):  # type: ignore[arg-type]
+            writes[-1].append((chunk.rows, chunk.deletes, chunk.kept))
+            yield chunk
+
+    monkeypatch.setattr(_cdc.PgOutputDecoder, "stage_rows", spy)
+    return writes
+
+
+@pytest.mark.parametrize(("values", "chunks"), [("binary", "one"), ("text", "one"), ("binary", "small"),
+                                                ("text", "small")])
 def test_inserts_updates_deletes_toast_and_rollbacks_arrive_exactly(
-        cdc_pair: Pair, values: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """With binary values (the default where binary COPY carries every column) and with text values."""
+        cdc_pair: Pair, values: str, chunks: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """With binary values (the default where binary COPY carries every column) and with text values; the
+    changes staged and applied in one chunk (a batch this small) or in many chunks of a few rows."""
     pair = cdc_pair
     caplog.set_level("INFO", logger="include.copy_engine")
     if values == "text":
         monkeypatch.setattr(_cdc, "_binary_types", lambda run: None)
+    writes = small_chunks(monkeypatch) if chunks == "small" else None
     first = first_copy(pair)
     assert (first.mode, first.rows_inserted, first.validation.match) == ("cdc", 100, True)
     assert first.watermark_before is None and first.watermark_after
@@ -173,6 +196,15 @@ def test_inserts_updates_deletes_toast_and_rollbacks_arrive_exactly(
         conn.rollback()
     second = sync_table(pair.source, pair.target, TABLE)
     assert (second.rows_inserted, second.rows_updated, second.rows_deleted) == (10, 14, 6)
+    if writes is not None:
+        # 31 keys: 10 inserted, 14 updated (3 of them, 10, 20 and 60, leaving their TOASTed value unchanged),
+        # 7 deleted (500 among them, which the target never had); the deleted keys staged first.
+        chunked = writes[-1]
+        assert len(chunked) > 5 and sum(rows for rows, _, _ in chunked) == 31
+        assert sum(deletes for _, deletes, _ in chunked) == 7 and sum(kept for _, _, kept in chunked) == 3
+        with_deletes = [number for number, (_, deletes, _) in enumerate(chunked) if deletes]
+        assert with_deletes == list(range(len(with_deletes)))
+        assert all(rows == deletes for rows, deletes, _ in chunked[:len(with_deletes) - 1])
     assert second.watermark_before == first.watermark_after
     assert _cdc.lsn_int(second.watermark_after or "0/0") > _cdc.lsn_int(first.watermark_after or "0/0")
     assert_same(pair)
@@ -424,9 +456,13 @@ def test_replica_identity_full_with_a_configured_key_and_a_truncate(cdc_pair: Pa
     assert_same(pair)
 
 
-def test_stored_generated_columns_are_computed_for_the_changed_rows(cdc_pair: Pair) -> None:
-    """pgoutput does not send generated columns: the target computes them by the source's expressions."""
+@pytest.mark.parametrize("chunks", ["one", "small"])
+def test_stored_generated_columns_are_computed_for_the_changed_rows(
+        cdc_pair: Pair, chunks: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pgoutput does not send generated columns: the target computes them by the source's expressions
+    (in each chunk of the stage, when it comes in several)."""
     pair = cdc_pair
+    writes = small_chunks(monkeypatch) if chunks == "small" else None
     pair.run(pair.source, "create table items (id int primary key, name text, qty int, price numeric(10, 2),"
                           " total numeric generated always as (qty * price) stored,"
                           " label text generated always as (upper(name) || '#' || id) stored);"
@@ -443,6 +479,7 @@ def test_stored_generated_columns_are_computed_for_the_changed_rows(cdc_pair: Pa
     changed = sync_table(pair.source, pair.target, TABLE)
     # 51 and 100 (7's new key) inserted; 1-6 updated (9 kept its values); 7 and 8 deleted, 52 never arrived.
     assert (changed.rows_inserted, changed.rows_updated, changed.rows_deleted) == (2, 6, 2)
+    assert writes is None or len(writes[-1]) > 3
     assert_same(pair)
     assert pair.rows(pair.target, "select total, label from raw.items where id in (1, 100) order by id") == [
         (Decimal("0.50"), "ITEM 1#1"), (Decimal("12.25"), "ITEM 7#100")]
