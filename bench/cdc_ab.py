@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--ref", required=True, help="the git ref whose CDC engine is compared")
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--skew", action="store_true", help="each round: 100,000 updates of 1,000 keys in 100 "
+                        "transactions (the skewed day of bench.cdc_bench), no deletes")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="cdc_ab_") as workdir:
         engines = {f"cdc at {args.ref}": engine_at(args.ref, Path(workdir)), "cdc now": _cdc}
@@ -83,11 +85,23 @@ def measure(source_admin: str, target_admin: str, engines: dict[str, ModuleType]
         sync(name)
     seconds: dict[str, list[float]] = {name: [] for name in tables}
     names = list(tables)
-    for round_number in range(1, args.repeat + 1):
+    if args.skew:
         with psycopg.connect(source, autocommit=True) as conn:
-            changed = conn.execute("update public.bench set price = price + 1, updated_at = clock_timestamp() "
-                                   "where id %% 100 = %s", (round_number,)).rowcount
-            deleted = conn.execute("delete from public.bench where id %% 10000 = %s", (50 + round_number,)).rowcount
+            conn.execute("create table skew_keys as select id from public.bench where id % 97 = 3 order by id "
+                         "limit 1000")
+    for round_number in range(1, args.repeat + 1):
+        if args.skew:
+            with psycopg.connect(source, autocommit=True) as conn:
+                for _ in range(100):
+                    changed = conn.execute("update public.bench set qty = qty + 1, updated_at = clock_timestamp() "
+                                           "where id in (select id from skew_keys)").rowcount
+            deleted = 0
+        else:
+            with psycopg.connect(source, autocommit=True) as conn:
+                changed = conn.execute("update public.bench set price = price + 1, updated_at = clock_timestamp() "
+                                       "where id %% 100 = %s", (round_number,)).rowcount
+                deleted = conn.execute("delete from public.bench where id %% 10000 = %s",
+                                       (50 + round_number,)).rowcount
         shift = round_number % len(names)
         for name in names[shift:] + names[:shift]:
             settle(source)
