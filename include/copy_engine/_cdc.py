@@ -25,6 +25,7 @@ or when a column's type changed within the changes read, they arrive as text.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -1058,7 +1059,9 @@ def _write(run: TableRun, decoder: PgOutputDecoder, generated: dict[str, str] | 
         if chunk.rows > _ANALYZE_STAGE_FROM:
             tgt.execute(sql.SQL("analyze {}").format(stage))
         deleting, upserting = tgt.cursor(), tgt.cursor()
-        with tgt.pipeline():
+        # Pipeline mode needs libpq 14+ (psycopg[binary] ships its own); without it the statements run
+        # one after the other and the next chunk is built after them.
+        with tgt.pipeline() if psycopg.Pipeline.is_supported() else contextlib.nullcontext():
             if chunk.deletes:
                 deleting.execute(delete)
             if chunk.rows > chunk.deletes + chunk.kept:

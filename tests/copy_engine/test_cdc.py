@@ -234,6 +234,21 @@ def test_inserts_updates_deletes_toast_and_rollbacks_arrive_exactly(
     assert confirmed is not None and confirmed["confirmed_flush_lsn"] == quiet.watermark_after
 
 
+def test_without_pipeline_mode_the_chunks_are_applied_one_after_the_other(
+        pg18_pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A libpq before 14 has no pipeline mode: the same chunks, their statements sent one by one."""
+    pair = pg18_pair
+    monkeypatch.setattr(psycopg.Pipeline, "is_supported", classmethod(lambda cls: False))
+    writes = small_chunks(monkeypatch)
+    first_copy(pair)
+    pair.run(pair.source, "update items set qty = qty + 1 where id <= 30; delete from items where id > 95;"
+                          "insert into items values (300, 'new', 1, null)")
+    report = sync_table(pair.source, pair.target, TABLE)
+    assert (report.rows_inserted, report.rows_updated, report.rows_deleted) == (1, 30, 5)
+    assert len(writes[-1]) > 5 and sum(rows for rows, _, _ in writes[-1]) == 36
+    assert_same(pair)
+
+
 def test_a_crash_between_commit_and_confirmation_replays_without_duplicates(
         cdc_pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
     pair = cdc_pair
