@@ -144,6 +144,15 @@ def test_node_tasks_ended_in_the_triggerer_sent_the_dag_processor_no_callback_re
     assert requests == []
 
 
+def test_node_triggers_started_without_deserializing_the_dag(stack, pipeline_run):
+    """Airflow deserializes the whole DAG for every trigger of a start_from_trigger task, and logs
+    so; a node task's trigger is started from a DAG bag without DAGs (include/triggerer_setup.py)."""
+    triggerer_log = (stack.settings.airflow_home / "logs" / "triggerer.log").read_text(errors="replace")
+    assert "trigger completed" in triggerer_log  # triggers ran, and their supervisor's lines are logged
+    deserialized = [line for line in triggerer_log.splitlines() if "Start from trigger enabled for task" in line]
+    assert deserialized == []
+
+
 def test_the_scheduler_and_the_dag_processor_parsed_the_dags_once_before_forking(stack, pipeline_run):
     """Task processes and the dag-processor's parses reuse that parse (config/airflow_local_settings.py)."""
     logs = stack.settings.airflow_home / "logs"
