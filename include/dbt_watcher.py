@@ -235,9 +235,6 @@ RESULT_KEY_SUFFIX = "_status"
 PUBLISHED_RESULTS_KEY = "dbt_published_results"
 LOGGED_EVENT_FIELDS = ("status", "start_time", "finish_time", "msg")  # dbt_result_line's
 PUBLISHED_RESULTS_EVERY_S = 0.25
-# It grows with the project: sent at most once per this many times its last push's duration, so at
-# 200 models (a 100 KB value) it takes the api-server's CPU from the build less often.
-PUBLISHED_PUSH_SHARE = 5.0
 # A node's dbt event while it runs (NodeStart, NodeCompiling, NodeExecuting): no task reads it, a
 # node's task logs the terminal one.
 RUNNING_NODE_STATUSES = frozenset({"started", "compiling", "executing", None})
@@ -252,9 +249,8 @@ class QueuedXComPushes:
     `close()` sends everything left and raises the first failed push.
 
     After sending node results it also sends `PUBLISHED_RESULTS_KEY`, each result key sent so far
-    with its dbt status and each terminal event with its logged fields: at most every
-    `PUBLISHED_RESULTS_EVERY_S`, or `PUBLISHED_PUSH_SHARE` times its last push's duration when that is
-    longer, and at once on `flush()` and `close()`. A key there has been sent, with that value.
+    with its dbt status and each terminal event with its logged fields: when the queue runs empty, or
+    every `PUBLISHED_RESULTS_EVERY_S` while it does not. A key there has been sent, with that value.
     """
 
     def __init__(self, push: Any) -> None:
@@ -265,9 +261,7 @@ class QueuedXComPushes:
         self._error: BaseException | None = None
         self._published: dict[str, Any] = {}
         self._published_sent_at = 0.0
-        self._published_every = PUBLISHED_RESULTS_EVERY_S
         self._published_pending = False
-        self._flushing = 0
         self._changed = threading.Condition()
         self.sent = self.replaced = self.skipped = 0
         self._thread = threading.Thread(target=self._send_all, name="cosmos-xcom-pushes", daemon=True)
@@ -290,21 +284,19 @@ class QueuedXComPushes:
     def _send_all(self) -> None:
         while True:
             with self._changed:
-                while True:
-                    wait = self._published_due_in()
-                    if self._published_pending and wait <= 0:
-                        key, value = PUBLISHED_RESULTS_KEY, dict(self._published)
-                        self._published_pending = False
-                        break
-                    if self._pending:
-                        key = next(iter(self._pending))
-                        value = self._pending.pop(key)
-                        break
-                    if self._closed and not self._published_pending:
-                        return
-                    self._changed.wait(wait if self._published_pending else None)
+                while not self._pending and not self._closed and not self._published_pending:
+                    self._changed.wait()
+                if self._published_pending and (
+                    not self._pending or time.monotonic() - self._published_sent_at >= PUBLISHED_RESULTS_EVERY_S
+                ):
+                    key, value = PUBLISHED_RESULTS_KEY, dict(self._published)
+                    self._published_pending, self._published_sent_at = False, time.monotonic()
+                elif self._pending:
+                    key = next(iter(self._pending))
+                    value = self._pending.pop(key)
+                else:
+                    return
                 self._in_flight = True
-            started = time.monotonic()
             sent = False
             try:
                 self._push(key=key, value=value)
@@ -316,10 +308,6 @@ class QueuedXComPushes:
                     self._in_flight = False
                     if sent:
                         self.sent += 1
-                        if key == PUBLISHED_RESULTS_KEY:  # a large one waits longer: see _published_due_in
-                            took = time.monotonic() - started
-                            self._published_sent_at = time.monotonic()
-                            self._published_every = max(PUBLISHED_RESULTS_EVERY_S, PUBLISHED_PUSH_SHARE * took)
                         if key.endswith(RESULT_KEY_SUFFIX):  # a model's {"status", ...}, its tests' status
                             self._published[key] = value.get("status") if isinstance(value, dict) else value
                             self._published_pending = True
@@ -327,21 +315,10 @@ class QueuedXComPushes:
                             self._published[key] = {field: value.get(field) for field in LOGGED_EVENT_FIELDS}
                     self._changed.notify_all()
 
-    def _published_due_in(self) -> float:
-        """Seconds until the published results may be sent again: at once when closing or flushing."""
-        if self._closed or self._flushing:
-            return 0.0
-        return self._published_sent_at + self._published_every - time.monotonic()
-
     def flush(self) -> None:
         with self._changed:
-            self._flushing += 1
-            self._changed.notify_all()
-            try:
-                while self._pending or self._in_flight or self._published_pending:
-                    self._changed.wait()
-            finally:
-                self._flushing -= 1
+            while self._pending or self._in_flight or self._published_pending:
+                self._changed.wait()
         if self._error is not None:
             raise self._error
 

@@ -117,25 +117,3 @@ def test_a_failed_push_is_raised_when_closing_and_the_other_results_are_still_se
         queue.close()
     assert [k for k in api.keys() if k != PUBLISHED_RESULTS_KEY] == ["model__p__a_status", "model__p__c_status"]
     assert api.sent[-1] == (PUBLISHED_RESULTS_KEY, {"model__p__a_status": "success", "model__p__c_status": "success"})
-
-
-def test_the_published_results_wait_longer_between_pushes_when_their_push_is_slow():
-    """A large published-results value costs the api-server: it is sent at most once per five times
-    its last push's duration (here 0.1 s, so every 0.5 s), and once more, complete, when closing."""
-
-    class SlowPublished(SlowApi):
-        def push(self, key: str, value: object, **kwargs: object) -> None:
-            self.delay = 0.1 if key == PUBLISHED_RESULTS_KEY else 0.002
-            super().push(key, value, **kwargs)
-
-    api = SlowPublished()
-    queue = QueuedXComPushes(api.push)
-    started = time.monotonic()
-    for n in range(100):  # a result every 10 ms for about 1.2 s: the queue runs empty after each
-        queue.xcom_push(f"model__p__m{n}_status", {"status": "success", "outlet_uris": []})
-        time.sleep(0.01)
-    queue.close()
-    seconds = time.monotonic() - started
-    listings = [value for key, value in api.sent if key == PUBLISHED_RESULTS_KEY]
-    assert 2 <= len(listings) <= seconds / 0.5 + 2, f"{len(listings)} pushes of the published results in {seconds:.1f} s"
-    assert listings[-1] == {f"model__p__m{n}_status": "success" for n in range(100)}
