@@ -234,6 +234,14 @@ RESULT_KEY_SUFFIX = "_status"
 # models one read per node kept the last nodes' tasks waiting tens of seconds after the build.
 PUBLISHED_RESULTS_KEY = "dbt_published_results"
 LOGGED_EVENT_FIELDS = ("status", "start_time", "finish_time", "msg")  # dbt_result_line's
+OUTLET_URIS_SUFFIX = "_outlet_uris"  # a model's Asset URIs, as its `_status` XCom has them
+
+
+def outlet_uris_key(status_key: str) -> str:
+    """Where the published results keep the Asset URIs of the model whose `_status` key this is."""
+    return status_key.removesuffix(RESULT_KEY_SUFFIX) + OUTLET_URIS_SUFFIX
+
+
 PUBLISHED_RESULTS_EVERY_S = 0.25
 # A node's dbt event while it runs (NodeStart, NodeCompiling, NodeExecuting): no task reads it, a
 # node's task logs the terminal one.
@@ -249,8 +257,9 @@ class QueuedXComPushes:
     `close()` sends everything left and raises the first failed push.
 
     After sending node results it also sends `PUBLISHED_RESULTS_KEY`, each result key sent so far
-    with its dbt status and each terminal event with its logged fields: when the queue runs empty, or
-    every `PUBLISHED_RESULTS_EVERY_S` while it does not. A key there has been sent, with that value.
+    with its dbt status (a model's also with its Asset URIs, `outlet_uris_key`) and each terminal
+    event with its logged fields: when the queue runs empty, or every `PUBLISHED_RESULTS_EVERY_S`
+    while it does not. A key there has been sent, with that value.
     """
 
     def __init__(self, push: Any) -> None:
@@ -310,6 +319,8 @@ class QueuedXComPushes:
                         self.sent += 1
                         if key.endswith(RESULT_KEY_SUFFIX):  # a model's {"status", ...}, its tests' status
                             self._published[key] = value.get("status") if isinstance(value, dict) else value
+                            if isinstance(value, dict):  # for emit_built_assets: one read, not one a model
+                                self._published[outlet_uris_key(key)] = value.get("outlet_uris") or []
                             self._published_pending = True
                         elif key.endswith(EVENT_KEY_SUFFIX) and isinstance(value, dict):
                             self._published[key] = {field: value.get(field) for field in LOGGED_EVENT_FIELDS}
@@ -483,9 +494,17 @@ def emit_built_assets(alias: str, producer_task_id: str, unique_ids: list[str], 
     """
     ti = context["ti"]
     events = context["outlet_events"][AssetAlias(alias)]
+    # One read of the published results (at 200 models one read per model was 4 s on the critical
+    # path); a model missing there (a producer run in-process by `dag.test()`) is read on its own.
+    published = ti.xcom_pull(task_ids=producer_task_id, key=PUBLISHED_RESULTS_KEY)
+    published = published if isinstance(published, dict) else {}
     emitted = []
     for unique_id in unique_ids:
-        result = ti.xcom_pull(task_ids=producer_task_id, key=get_status_xcom_key(unique_id)) or {}
+        key = get_status_xcom_key(unique_id)
+        if key in published and outlet_uris_key(key) in published:
+            result = {"status": published[key], "outlet_uris": published[outlet_uris_key(key)]}
+        else:
+            result = ti.xcom_pull(task_ids=producer_task_id, key=key) or {}
         if is_dbt_node_status_success(result.get("status")):
             for uri in result.get("outlet_uris") or []:
                 events.add(Asset(uri=uri), extra={"dbt_node": unique_id})

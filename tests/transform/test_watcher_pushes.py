@@ -44,7 +44,8 @@ def test_dbt_threads_never_wait_for_the_api_and_every_result_is_sent_once_closed
     assert queued_in < 0.05, f"queueing 40 pushes took {queued_in:.3f} s: the caller waited for the API"
     results = [(k, v) for k, v in api.sent if k != PUBLISHED_RESULTS_KEY]
     assert results == [(f"model__p__m{n}_status", {"status": "success", "outlet_uris": [f"uri{n}"]}) for n in range(40)]
-    assert api.sent[-1] == (PUBLISHED_RESULTS_KEY, {f"model__p__m{n}_status": "success" for n in range(40)})
+    assert api.sent[-1] == (PUBLISHED_RESULTS_KEY, {**{f"model__p__m{n}_status": "success" for n in range(40)},
+                                                    **{f"model__p__m{n}_outlet_uris": [f"uri{n}"] for n in range(40)}})
 
 
 def test_a_key_pushed_again_before_it_was_sent_is_sent_once_with_its_latest_value_after_earlier_pushes():
@@ -99,11 +100,14 @@ def test_the_published_statuses_only_name_results_already_sent_with_their_status
     assert listings, "no published statuses were sent"
     for i in listings:
         listed = api.sent[i][1]
-        assert set(listed) <= set(api.keys()[:i]), f"listing {i} names a result not sent before it"
-        assert all(key.endswith(("_status", "_dbt_event")) for key in listed)
+        sent_before = {k.removesuffix("_outlet_uris") + "_status" for k in listed if k.endswith("_outlet_uris")}
+        assert set(listed) - {k for k in listed if k.endswith("_outlet_uris")} | sent_before <= set(api.keys()[:i]), (
+            f"listing {i} names a result not sent before it")
+        assert all(key.endswith(("_status", "_dbt_event", "_outlet_uris")) for key in listed)
     assert listings[-1] == len(api.sent) - 1
     logged = {"status": "success", "start_time": "10:00:00", "finish_time": "10:00:01", "msg": "CREATE VIEW"}
     assert api.sent[-1][1] == {**{f"model__p__m{n}_status": "success" for n in range(30)},
+                               **{f"model__p__m{n}_outlet_uris": [] for n in range(30)},
                                **{f"model__p__m{n}_tests_status": "fail" if n == 7 else "pass" for n in range(30)},
                                **{f"model__p__m{n}_dbt_event": logged for n in range(30)}}
 
@@ -116,4 +120,5 @@ def test_a_failed_push_is_raised_when_closing_and_the_other_results_are_still_se
     with pytest.raises(ConnectionError, match="model__p__b_status"):
         queue.close()
     assert [k for k in api.keys() if k != PUBLISHED_RESULTS_KEY] == ["model__p__a_status", "model__p__c_status"]
-    assert api.sent[-1] == (PUBLISHED_RESULTS_KEY, {"model__p__a_status": "success", "model__p__c_status": "success"})
+    assert api.sent[-1] == (PUBLISHED_RESULTS_KEY, {"model__p__a_status": "success", "model__p__a_outlet_uris": [],
+                                                    "model__p__c_status": "success", "model__p__c_outlet_uris": []})
