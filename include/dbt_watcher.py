@@ -498,16 +498,18 @@ def emit_built_assets(alias: str, producer_task_id: str, unique_ids: list[str], 
     # path); a model missing there (a producer run in-process by `dag.test()`) is read on its own.
     published = ti.xcom_pull(task_ids=producer_task_id, key=PUBLISHED_RESULTS_KEY)
     published = published if isinstance(published, dict) else {}
-    emitted = []
+    emitted, read_alone = [], 0
     for unique_id in unique_ids:
         key = get_status_xcom_key(unique_id)
         if key in published and outlet_uris_key(key) in published:
             result = {"status": published[key], "outlet_uris": published[outlet_uris_key(key)]}
         else:
             result = ti.xcom_pull(task_ids=producer_task_id, key=key) or {}
+            read_alone += 1
         if is_dbt_node_status_success(result.get("status")):
             for uri in result.get("outlet_uris") or []:
                 events.add(Asset(uri=uri), extra={"dbt_node": unique_id})
                 emitted.append(uri)
-    logger.info("Asset events of %d built dbt node(s) of %d: %s", len(emitted), len(unique_ids), emitted)
+    logger.info("Asset events of %d built dbt node(s) of %d (%d result(s) read alone, not published): %s",
+                len(emitted), len(unique_ids), read_alone, emitted)  # fmt: skip
     return emitted

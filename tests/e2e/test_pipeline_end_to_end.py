@@ -126,6 +126,9 @@ def test_the_transform_ran_one_dbt_build_and_each_node_task_logs_its_own_result(
     assert "dbt result of model.postgres_analytics.fact_events: success" in text
     assert "SELECT" in text.split("dbt result of model.postgres_analytics.fact_events: success")[1][:300]  # rows
     assert "Cloning project" not in text, "a node task ran dbt itself instead of reading the producer's result"
+    emitter = (logs / "task_id=dbt.emit_built_assets").rglob("*.log")
+    emitter_log = "".join(path.read_text(errors="replace") for path in emitter)
+    assert "(0 result(s) read alone, not published)" in emitter_log  # one read of the published results
     test_log = "".join(p.read_text(errors="replace")
                        for p in (logs / "task_id=dbt.models.marts.fact_events.test").rglob("*.log"))
     assert "dbt result of test.postgres_analytics.unique_fact_events_event_id" in test_log
