@@ -443,7 +443,8 @@ class PgOutputDecoder:
         limit, rows = first, 0
         # The deleted keys first, so every delete is applied before any upsert, as in one pass.
         deleted = [(row_key, _DELETED) for row_key, row in self.changes.rows.items() if row is None]
-        for row_key, row in itertools.chain(deleted, self.changes.rows.items()):
+        upserted = ((row_key, row) for row_key, row in self.changes.rows.items() if row is not None)
+        for row_key, row in itertools.chain(deleted, upserted):
             if len(data) >= limit:
                 chunk.rows = rows
                 yield chunk
@@ -472,9 +473,6 @@ class PgOutputDecoder:
                 else:
                     extend(upsert_end)
                     continue
-            if row is None:
-                rows -= 1  # a deleted key, staged above
-                continue
             row_data, keeps = self._stage_row(row_key, row, width, header, skipped, raw, encoding)
             extend(row_data)
             chunk.kept += keeps
