@@ -31,7 +31,6 @@ from cosmos import settings as cosmos_settings
 from cosmos.constants import ExecutionMode, InvocationMode, LoadMode, SourceRenderingBehavior, TestBehavior
 from cosmos.dbt.selector import select_nodes
 from cosmos.operators._watcher.base import BaseConsumerSensor
-from cosmos.operators._watcher.state import get_dbt_event_xcom_key
 from cosmos.operators.local import DbtDocsLocalOperator
 from cosmos.operators.watcher import DbtProducerWatcherOperator
 from cosmos.profiles import BaseProfileMapping
@@ -51,6 +50,7 @@ from include.dbt_watcher import (
     dbt_result_line,
     defer_to_node_result_trigger,
     emit_built_assets,
+    node_events,
     queue_xcom_pushes,
     say_what_dbt_found,
     start_in_triggerer,
@@ -312,8 +312,7 @@ def _log_dbt_results(context: Mapping[str, Any], succeeded: bool) -> None:
     producer = getattr(task, "producer_task_id", None)
     if not getattr(task, "model_unique_id", None) or not producer:
         return
-    for uid in _watched_nodes(task):
-        event = context["ti"].xcom_pull(task_ids=producer, key=get_dbt_event_xcom_key(uid)) or {}
+    for uid, event in node_events(context["ti"], producer, _watched_nodes(task)).items():
         status = event.get("status")
         if succeeded and status not in DBT_SUCCESS_STATUSES:
             # The task succeeded although the build's result was not a success: it ran dbt for its
@@ -441,7 +440,8 @@ def transform_task_group(group_id: str = "dbt", select: list[str] | None = None)
     if DBT_EXECUTION_MODE == "watcher":
         for task in group.iter_tasks():
             if isinstance(task, DbtProducerWatcherOperator):
-                queue_xcom_pushes(task)
+                # Node tasks in the triggerer read the published results; a worker reads a node's own keys.
+                queue_xcom_pushes(task, successes_published_only=DBT_WATCHER_TASKS == "triggerer")
                 count_tests_for_their_owners(task)
             elif isinstance(task, BaseConsumerSensor) and task.model_unique_id:
                 say_what_dbt_found(task, _watched_nodes(task))

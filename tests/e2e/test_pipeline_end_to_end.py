@@ -126,6 +126,15 @@ def test_the_transform_ran_one_dbt_build_and_each_node_task_logs_its_own_result(
     assert "dbt result of model.postgres_analytics.fact_events: success" in text
     assert "SELECT" in text.split("dbt result of model.postgres_analytics.fact_events: success")[1][:300]  # rows
     assert "Cloning project" not in text, "a node task ran dbt itself instead of reading the producer's result"
+    assert "compiled SQL of model.postgres_analytics.fact_events:" in text  # sent before its status was published
+    assert "from" in text.split("compiled SQL of model.postgres_analytics.fact_events:")[1][:3000].lower()
+    producer_log = "".join(p.read_text(errors="replace")
+                           for p in (logs / "task_id=dbt.dbt_producer_watcher").rglob("*.log"))
+    pushes = re.search(r"node results published: (\d+) XCom pushes .*?(\d+) successes only published", producer_log)
+    assert pushes, "the producer did not log what it published"
+    sent, published_only = map(int, pushes.groups())
+    # Each success (2 snapshots, 10 models, their tests) is published only; a model's compiled SQL is sent.
+    assert published_only >= 40 and sent < published_only, producer_log[-2000:]
     emitter = (logs / "task_id=dbt.emit_built_assets").rglob("*.log")
     emitter_log = "".join(path.read_text(errors="replace") for path in emitter)
     assert "(0 result(s) read alone, not published)" in emitter_log  # one read of the published results

@@ -122,3 +122,58 @@ def test_a_failed_push_is_raised_when_closing_and_the_other_results_are_still_se
     assert [k for k in api.keys() if k != PUBLISHED_RESULTS_KEY] == ["model__p__a_status", "model__p__c_status"]
     assert api.sent[-1] == (PUBLISHED_RESULTS_KEY, {"model__p__a_status": "success", "model__p__a_outlet_uris": [],
                                                     "model__p__c_status": "success", "model__p__c_outlet_uris": []})
+
+
+def test_successes_are_only_published_and_failures_are_still_sent_on_their_own():
+    api = SlowApi(delay=0.005)
+    queue = QueuedXComPushes(api.push, successes_published_only=True)
+    queue.xcom_push("model__p__a_dbt_event", {"status": "success", "msg": "CREATE VIEW"})
+    queue.xcom_push("model__p__a_status", {"status": "success", "outlet_uris": ["uri_a"]})
+    queue.xcom_push("model__p__a_compiled_sql", "select 1")
+    queue.xcom_push("test__p__t_dbt_event", {"status": "fail", "msg": "Got 2 results, configured to fail if != 0"})
+    queue.xcom_push("model__p__a_tests_status", "failed")
+    queue.xcom_push("model__p__b_status", {"status": "skipped", "outlet_uris": ["uri_b"]})
+    queue.close()
+    assert [k for k in api.keys() if k != PUBLISHED_RESULTS_KEY] == [
+        "model__p__a_compiled_sql", "test__p__t_dbt_event", "model__p__a_tests_status"]
+    assert (queue.sent - api.keys().count(PUBLISHED_RESULTS_KEY), queue.published_only) == (3, 3)
+    assert api.sent[-1] == (PUBLISHED_RESULTS_KEY, {
+        "model__p__a_dbt_event": {"status": "success", "start_time": None, "finish_time": None, "msg": "CREATE VIEW"},
+        "model__p__a_status": "success", "model__p__a_outlet_uris": ["uri_a"],
+        "test__p__t_dbt_event": {"status": "fail", "start_time": None, "finish_time": None,
+                                 "msg": "Got 2 results, configured to fail if != 0"},
+        "model__p__a_tests_status": "failed",
+        "model__p__b_status": "skipped", "model__p__b_outlet_uris": ["uri_b"]})
+
+
+def test_a_models_status_is_published_only_after_its_compiled_sql_was_sent():
+    """Its task logs the compiled SQL once the published results say the model succeeded."""
+    api = SlowApi(delay=0.03)
+    queue = QueuedXComPushes(api.push, successes_published_only=True)
+    for n in range(20):
+        queue.xcom_push(f"model__p__m{n}_status", {"status": "success", "outlet_uris": []})
+        queue.xcom_push(f"model__p__m{n}_compiled_sql", f"select {n}")
+        time.sleep(0.01)
+    queue.close()
+    for i, (key, value) in enumerate(api.sent):
+        if key == PUBLISHED_RESULTS_KEY:
+            for n in range(20):
+                if f"model__p__m{n}_status" in value:
+                    assert f"model__p__m{n}_compiled_sql" in api.keys()[:i], f"m{n} published before its SQL"
+    assert api.keys().count("model__p__m19_compiled_sql") == 1 and api.sent[-1][0] == PUBLISHED_RESULTS_KEY
+
+
+def test_published_successes_are_sent_at_most_every_quarter_second_and_at_once_when_closed():
+    api = SlowApi(delay=0.002)
+    queue = QueuedXComPushes(api.push, successes_published_only=True)
+    started = time.perf_counter()
+    while time.perf_counter() - started < 1.0:  # a success every 5 ms for a second
+        queue.xcom_push(f"test__p__t{len(api.sent)}_{time.perf_counter_ns()}_status", {"status": "pass"})
+        time.sleep(0.005)
+    queue.xcom_push("model__p__last_status", {"status": "success", "outlet_uris": []})
+    closing = time.perf_counter()
+    queue.close()
+    assert time.perf_counter() - closing < 0.1, "close() waited for the next quarter second"
+    published = api.keys().count(PUBLISHED_RESULTS_KEY)
+    assert 3 <= published <= 6, f"{published} published results in a second of successes every 5 ms"
+    assert "model__p__last_status" in api.sent[-1][1]
