@@ -60,8 +60,14 @@ POLLS_PER_SECOND = 20  # node-result reads per second, all triggers of this trig
 def dbt_result_line(unique_id: str, event: Mapping[str, Any] | None) -> str:
     """One node's dbt result as its task log shows it: status, timing and dbt's message."""
     event = event or {}
-    return (f"dbt result of {unique_id}: {event.get('status') or 'no status reported'}, "
-            f"{event.get('start_time')} → {event.get('finish_time')}: {event.get('msg') or ''}")  # fmt: skip
+    timing = f", {event.get('start_time')} → {event.get('finish_time')}" if event.get("start_time") else ""
+    return f"dbt result of {unique_id}: {event.get('status') or 'no status reported'}{timing}: {event.get('msg') or ''}"
+
+
+def _freshness_result(unique_id: str, published: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A source's result: `dbt source freshness` publishes its status only, no dbt event."""
+    status = published.get(get_status_xcom_key(unique_id)) if unique_id.startswith("source.") else None
+    return {"status": status, "msg": "source freshness"} if status else None
 
 
 class _Pace:
@@ -84,6 +90,7 @@ _pace = _Pace(POLLS_PER_SECOND)
 _shared: dict[tuple[str, ...], tuple[float, Any]] = {}
 _shared_locks: dict[tuple[str, ...], asyncio.Lock] = {}
 WAIT_STEP_S = 0.25  # a trigger's loop; what it reads is cached per run, so a step costs no API call
+EVENT_READS = 5  # reads of the published results, PUBLISHED_RESULTS_EVERY_S apart, for a node's event
 
 
 class NodeResultTrigger(WatcherTrigger):
@@ -107,6 +114,7 @@ class NodeResultTrigger(WatcherTrigger):
         super().__init__(dag_id=dag_id, run_id=run_id, map_index=map_index, **kwargs)
         self.watched = list(watched or [self.model_unique_id])
         self.success_callback = success_callback
+        self._producer_ended_at: float | None = None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         _, kwargs = super().serialize()
@@ -128,8 +136,9 @@ class NodeResultTrigger(WatcherTrigger):
             read_at, value = _shared.get(key, (0.0, None))
             if time.monotonic() - read_at >= max_age:
                 await _pace.turn()
+                started = time.monotonic()  # what was read is at least as new as this
                 value = await read()
-                _shared[key] = (time.monotonic(), value)
+                _shared[key] = (started, value)
         if len(_shared) > 1000:  # the triggerer lives for many runs: forget runs not read for 10 minutes
             for stale in [k for k, (at, _) in _shared.items() if time.monotonic() - at > 600]:
                 _shared.pop(stale, None)
@@ -154,12 +163,11 @@ class NodeResultTrigger(WatcherTrigger):
     async def _node_status(self, *, unlisted_too: bool = False) -> str | None:
         """The node's dbt status, once the producer lists it as published (or, `unlisted_too`, read alone)."""
         key = self._result_key()
-        if not unlisted_too:
-            published = await self._published()
-            if isinstance(published, dict) and key in published:
-                return published[key]
-            if key not in (published or ()):  # a list: from a producer started before the statuses were added
-                return None
+        published = await self._published()
+        if isinstance(published, dict) and key in published:
+            return published[key]
+        if not unlisted_too and key not in (published or ()):  # a list: from a producer of before the statuses
+            return None
         await _pace.turn()
         value = await self.get_xcom_val(key)
         if self.is_test_sensor or value is None:
@@ -168,15 +176,35 @@ class NodeResultTrigger(WatcherTrigger):
         return value.get("status")
 
     async def _published(self) -> Any:
-        return await self._shared_read("published", PUBLISHED_RESULTS_EVERY_S,
-                                       lambda: self.get_xcom_val(PUBLISHED_RESULTS_KEY))
+        """The producer's published results, read at most PUBLISHED_RESULTS_EVERY_S ago; once this trigger
+        saw the producer end, read after that (the producer sends everything before it ends)."""
+        max_age = PUBLISHED_RESULTS_EVERY_S
+        if self._producer_ended_at is not None:
+            max_age = min(max_age, time.monotonic() - self._producer_ended_at)
+        return await self._shared_read("published", max_age, lambda: self.get_xcom_val(PUBLISHED_RESULTS_KEY))
+
+    async def _watched_events(self) -> dict[str, Any]:
+        """Each watched node's terminal dbt event, from the published results.
+
+        Cosmos takes a node's status from dbt's result line, which comes before the node's terminal
+        event: a result can be published a moment before its event, so the published results are read
+        again, for up to a second. A producer that publishes no dict (`dag.test()`) has each key read.
+        """
+        keys = {unique_id: get_dbt_event_xcom_key(unique_id) for unique_id in self.watched}
+        awaited = [key for unique_id, key in keys.items() if not unique_id.startswith("source.")]
+        for attempt in range(EVENT_READS):
+            published = await self._published()
+            if not isinstance(published, dict):
+                return {unique_id: await self.get_xcom_val(key) for unique_id, key in keys.items()}
+            if all(key in published for key in awaited) or attempt == EVENT_READS - 1:
+                return {unique_id: published.get(key) or _freshness_result(unique_id, published)
+                        for unique_id, key in keys.items()}  # fmt: skip
+            await asyncio.sleep(PUBLISHED_RESULTS_EVERY_S)
+        return {}
 
     async def _log_results(self) -> None:
-        published = await self._published()
-        for unique_id in self.watched:
-            key = get_dbt_event_xcom_key(unique_id)
-            event = published.get(key) if isinstance(published, dict) else None
-            logger.info("%s", dbt_result_line(unique_id, event or await self.get_xcom_val(key)))
+        for unique_id, event in (await self._watched_events()).items():
+            logger.info("%s", dbt_result_line(unique_id, event))
         if not self.is_test_sensor:
             key = get_compiled_sql_xcom_key(self.model_unique_id)
             compiled_sql = await self.get_xcom_val(key)
@@ -223,7 +251,7 @@ class NodeResultTrigger(WatcherTrigger):
                 return
             state = await self._producer_state()
             if state in (ProducerTaskState.SUCCESS, ProducerTaskState.FAILED, ProducerTaskState.SKIPPED):
-                producer = state  # read the node's own key once more before deciding
+                producer, self._producer_ended_at = state, time.monotonic()  # read its results once more
                 continue
             await asyncio.sleep(WAIT_STEP_S)
 

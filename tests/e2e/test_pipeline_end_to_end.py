@@ -127,6 +127,9 @@ def test_the_transform_ran_one_dbt_build_and_each_node_task_logs_its_own_result(
     assert "SELECT" in text.split("dbt result of model.postgres_analytics.fact_events: success")[1][:300]  # rows
     assert "Cloning project" not in text, "a node task ran dbt itself instead of reading the producer's result"
     assert "compiled SQL of model.postgres_analytics.fact_events:" in text  # sent before its status was published
+    unreported = [path.parent.name for path in logs.rglob("*.log")
+                  if "no status reported" in path.read_text(errors="replace")]
+    assert unreported == [], "node tasks logged a result without its dbt event (read before it was published)"
     assert "from" in text.split("compiled SQL of model.postgres_analytics.fact_events:")[1][:3000].lower()
     producer_log = "".join(p.read_text(errors="replace")
                            for p in (logs / "task_id=dbt.dbt_producer_watcher").rglob("*.log"))
@@ -160,9 +163,18 @@ def test_node_triggers_started_without_deserializing_the_dag(stack, pipeline_run
     """Airflow deserializes the whole DAG for every trigger of a start_from_trigger task, and logs
     so; a node task's trigger is started from a DAG bag without DAGs (include/triggerer_setup.py)."""
     triggerer_log = (stack.settings.airflow_home / "logs" / "triggerer.log").read_text(errors="replace")
-    assert "[airflow.jobs.triggerer_job_runner]" in triggerer_log  # the logger of that line logs at INFO
+    assert "the triggerer's execution API is ready" in triggerer_log  # INFO lines are in this log
     deserialized = [line for line in triggerer_log.splitlines() if "Start from trigger enabled for task" in line]
     assert deserialized == []
+
+
+def test_a_trigger_that_fired_and_stopped_is_not_fetched_again_as_a_new_one(stack, pipeline_run):
+    """Until the cleanup deletes its row, Airflow took it for a new trigger on every assignment round
+    and logged this line each time (include/triggerer_setup.py: _skip_ended_triggers)."""
+    triggerer_log = (stack.settings.airflow_home / "logs" / "triggerer.log").read_text(errors="replace")
+    assert "the triggerer's execution API is ready" in triggerer_log  # INFO lines are in this log
+    refetched = [line for line in triggerer_log.splitlines() if "TaskInstance of Trigger is None" in line]
+    assert refetched == [], f"{len(refetched)} ended triggers fetched again, the first: {refetched[:1]}"
 
 
 def test_the_scheduler_and_the_dag_processor_parsed_the_dags_once_before_forking(stack, pipeline_run):
