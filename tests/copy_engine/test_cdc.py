@@ -625,7 +625,7 @@ def test_a_column_type_changed_within_the_changes_reads_them_again_as_text(
 
 def test_a_slow_slot_read_outlasts_the_warehouses_idle_transaction_timeout(
         pg18_pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The target's transaction is open (its side prepared by a thread) while the slot is read."""
+    """The target's transaction is open (its side prepared while a thread reads the slot) during the read."""
     pair = pg18_pair
     first_copy(pair)
     target_database = psycopg.conninfo.conninfo_to_dict(pair.target)["dbname"]
@@ -633,7 +633,7 @@ def test_a_slow_slot_read_outlasts_the_warehouses_idle_transaction_timeout(
     pair.run(pair.source, "update items set qty = -qty where id <= 3")
     read_changes = _cdc.read_changes
 
-    def slow(*args: object, **kwargs: object) -> Iterator[bytes]:
+    def slow(*args: object, **kwargs: object) -> Iterator[list[bytes]]:
         time.sleep(1.0)
         yield from read_changes(*args, **kwargs)  # type: ignore[arg-type]
 
