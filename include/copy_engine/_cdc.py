@@ -404,6 +404,12 @@ class PgOutputDecoder:
         rows[key] = _Lazy(message, position, relation)  # type: ignore[assignment]
         return True
 
+    def row(self, key: tuple[Any, ...]) -> list[Value] | None:
+        """The key's row, decoded (and kept decoded, for a caller that changes its values); None if deleted."""
+        row = self._decoded(self.changes.rows[key])
+        self.changes.rows[key] = row
+        return row  # type: ignore[no-any-return]
+
     def _decoded(self, row: Any) -> Any:
         return self._tuple(row.message, row.position, row.relation)[0] if isinstance(row, _Lazy) else row
 
@@ -947,10 +953,56 @@ def _read_and_write(run: TableRun, name: str, stored: str, reader: _SlotReader,
         logger.info("%s: %d change(s) in %d transaction(s) (%d already applied) up to %s: %d key(s) to write%s",
                     table.name, changes.messages, changes.transactions, changes.skipped_transactions, upto,
                     len(changes.rows), " (binary values)" if binary_types is not None else "")
+        if any(column.facts.read_cast for column in shape.columns):
+            _restore_stored_text(run, decoder)
         _write(run, decoder, generated)
         report.watermark_after = upto
         write_state(run.tgt, report, None, replication_slot=name)
         run.record_committed()
+
+
+def _restore_stored_text(run: TableRun, decoder: PgOutputDecoder) -> None:
+    """Give the written rows' xml values (and arrays, domains of xml) the text the source stores.
+
+    pgoutput sends a value by its type's output function, which for xml drops a default declaration
+    (`<?xml version="1.0"?>`) that the table copies keep by reading the column through its cast to text
+    (`TypeFacts.read_cast`). So the source's current rows of the written keys are read: where the output of
+    a value is the text the change carried, the source holds that document still, and its stored text replaces
+    the change's. A value changed since keeps the change's text; the run that reads that change restores it.
+    """
+    shape, src = run.shape, run.src
+    key = list(shape.primary_key)
+    columns = [column for column in shape.columns if column.facts.read_cast]
+    keys = [row_key for row_key, row in decoder.changes.rows.items() if row is not None]
+    names = [sql.Identifier(f"_key{number}") for number in range(len(key))]
+    query = sql.SQL("select {}, {} from {} as s join unnest({}) as u({}) on {}").format(
+        column_list(key, "s"),
+        sql.SQL(", ").join(sql.SQL("s.{0}, s.{0}::{1}").format(sql.Identifier(column.name),
+                                                               sql.SQL(column.facts.read_cast))  # type: ignore[arg-type]
+                           for column in columns),
+        sql.Identifier(*run.table.source_schema_table),
+        sql.SQL(", ").join(sql.SQL("%s::text[]") for _ in key), sql.SQL(", ").join(names),
+        sql.SQL(" and ").join(sql.SQL("s.{} = u.{}::{}").format(
+            sql.Identifier(name), alias, sql.SQL(shape.column(name).type_sql))  # type: ignore[union-attr]
+            for name, alias in zip(key, names, strict=True)))
+    positions = [decoder.index[column.name] for column in columns]
+    for start in range(0, len(keys), _READ_BATCH):
+        batch = keys[start:start + _READ_BATCH]
+        with src.transaction(force_rollback=True):
+            result = src.execute(query, [list(values) for values in zip(*batch, strict=True)]).pgresult
+        assert result is not None
+        for number in range(result.ntuples):
+            # The values as text, as pgoutput sends them: the raw result, past psycopg's loaders.
+            text = [None if value is None else bytes(value).decode(decoder.encoding)
+                    for value in (result.get_value(number, field) for field in range(result.nfields))]
+            row_key = tuple(text[:len(key)])
+            if row_key not in decoder.changes.rows:
+                continue
+            row = decoder.row(row_key)
+            assert row is not None
+            for position, output, stored in zip(positions, text[len(key)::2], text[len(key) + 1::2], strict=True):
+                if row[position] == output:
+                    row[position] = stored
 
 
 def flush_source_wal(src: psycopg.Connection) -> None:

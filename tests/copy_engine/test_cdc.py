@@ -583,11 +583,9 @@ def test_every_catalog_type_arrives_exactly(cdc_pair: Pair, values: str, caplog:
             pair.run(pair.source, sql.SQL("alter table public.wide drop column {}").format(sql.Identifier(name)))
         wide = Wide([c for c in wide.columns if c.name not in domains], wide.rows)
     else:
-        # Left out: pgoutput sends xml by its output function, which drops a default XML declaration
-        # (<?xml version="1.0"?>) that the table copies keep by reading xml through ::text. Known, not fixed.
-        for name in ("c_xml", "a_xml"):
-            pair.run(pair.source, sql.SQL("alter table public.wide drop column {}").format(sql.Identifier(name)))
-        wide = Wide([c for c in wide.columns if c.name not in ("c_xml", "a_xml")], wide.rows)
+        # pgoutput sends xml without a default declaration (<?xml version="1.0"?>): the run restores the text
+        # the source stores, which the dump below compares (xml through ::text, arrays through ::text[]).
+        assert {"c_xml", "a_xml"} <= {c.name for c in wide.columns}
     table = TableConfig(name="wide", source="public.wide", target="raw.wide", mode="cdc", validate=False)
     first = sync_table(pair.source, pair.target, table)
     assert first.rows_inserted == wide.rows
