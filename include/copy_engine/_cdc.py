@@ -1172,8 +1172,11 @@ def _write(run: TableRun, decoder: PgOutputDecoder, generated: dict[str, str] | 
 
     match = sql.SQL(" and ").join(sql.SQL("t.{} = {}").format(sql.Identifier(name), typed(name)) for name in key)
     delete = sql.SQL("delete from {} as t using {} as s where s._op = 'd' and {}").format(target, stage, match)
-    upsert = run.upsert_query(sql.SQL("select {} from {} as s where s._op = 'u' and s._keep = ''").format(
-        sql.SQL(", ").join(typed(name) for name in columns), stage), computed=generated)
+    # In key order, as the cursor run's upsert (its `distinct on`): the target's key index and its rows, loaded
+    # in key order, are then visited in order rather than in the order of the source's changes.
+    upsert = run.upsert_query(sql.SQL("select {} from {} as s where s._op = 'u' and s._keep = '' order by {}").format(
+        sql.SQL(", ").join(typed(name) for name in columns), stage, sql.SQL(", ").join(typed(name) for name in key)),
+        computed=generated)
     chunks = decoder.stage_rows(generated, tgt.info.encoding, _FIRST_CHUNK, _CHUNK_GROWTH, _LARGEST_CHUNK)
     chunk: StageChunk | None = next(chunks)
     first = True
