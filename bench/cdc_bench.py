@@ -176,9 +176,9 @@ def compare_readers(source: str, target: str, config: TableConfig) -> tuple[floa
         started = time.perf_counter()
         decoder = PgOutputDecoder(columns, ("id",), 0)
         messages = 0
-        for message in read_changes(conn, name, upto):
-            decoder.feed(message)
-            messages += 1
+        for batch in read_changes(conn, name, upto):
+            decoder.feed_all(batch)
+            messages += len(batch)
         peek_s = time.perf_counter() - started
     print(f"  read {messages} messages by peek in {peek_s:.2f}s", file=sys.stderr)
     started = time.perf_counter()

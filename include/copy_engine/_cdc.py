@@ -15,7 +15,9 @@ position are skipped, so nothing is applied twice and nothing is missed.
 The slot is read by that SQL function, not over the streaming replication protocol: a stream lets the
 engine decode while the server decodes, but the walsender sends every message on its own, which cost
 more than the overlap saved (2026-12-01, 1% of 2M rows changed: 0.81 s by a stream against 0.71 s by
-the function in one bench; the README's "How the slot is read").
+the function in one bench; the README's "How the slot is read"). The function sends nothing before it
+has decoded every change, so it runs on a source connection of its own (`_SlotReader`), started as soon
+as the run holds its lock, while the run describes the table, checks the slot and prepares the target.
 
 Values arrive in their types' binary send format where binary COPY carries every column exactly
 (`_binary_types`): the stage then holds the source's types and the apply parses no text. Otherwise,
@@ -29,6 +31,7 @@ import contextlib
 import hashlib
 import itertools
 import logging
+import queue
 import re
 import struct
 import threading
@@ -41,7 +44,10 @@ import psycopg
 from psycopg import sql
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
+from psycopg.rows import scalar_row
 
+from ._config import TableConfig
+from ._connect import connect
 from ._errors import SourceError, TerminalError, TransientError
 from ._keys import key_changes
 from ._report import ValidationResult
@@ -59,6 +65,7 @@ _FIRST_CHUNK = 256 << 10  # bytes of binary COPY rows
 _CHUNK_GROWTH = 3
 _LARGEST_CHUNK = 16 << 20
 PROGRESS_EVERY = 50_000  # decoded changes between progress lines
+_READ_BATCH = 10_000  # messages per fetch from the slot
 # A stage this large gets statistics before the joins (a wrong plan would cost more than the ANALYZE);
 # below it the planner's estimate from the stage's size serves, and the ANALYZE was a tenth of a run.
 _ANALYZE_STAGE_FROM = 50_000
@@ -278,19 +285,34 @@ class PgOutputDecoder:
             raise NeedsText("pgoutput sent a value as text (its type has no binary send function)")
 
     def feed(self, message: bytes) -> None:
-        # The common case first, in few steps: an insert, or an update that keeps its key.
+        self.feed_all((message,))
+
+    def feed_all(self, messages: Iterable[bytes]) -> None:
+        """Decode the messages in order. The common case (an insert, or an update that keeps its key, of a
+        table keyed by its first column) takes a few steps on locals: it is most of a batch's messages."""
+        rows, relations, value_kind, encoding = self.changes.rows, self.relations, self._value, self.encoding
+        binary, fast = value_kind == _BINARY, 0
+        for message in messages:
+            kind = message[0]
+            if (kind == _INSERT or (kind == _UPDATE and message[5] == _NEW)) and not self._skipping:
+                relation = relations[_OID(message, 1)[0]]
+                if relation.key_first and message[8] == value_kind:
+                    # The key's value starts at byte 13 (kind, oid, 'N', column count, its kind, its size).
+                    # A key seen before is replaced unless the change keeps a TOASTed value (a byte 'u',
+                    # searched at C speed, may be one); `_feed` handles what this cannot.
+                    end = 13 + _SIZE(message, 9)[0]
+                    key = (message[13:end] if binary else message[13:end].decode(encoding),)
+                    if kind == _INSERT or rows.get(key) is None or message.find(b"u", end) < 0:
+                        rows[key] = _Lazy(message, 6, relation)  # type: ignore[assignment]
+                        fast += 1
+                        continue
+            self._feed(message)
+        self.changes.messages += fast
+
+    def _feed(self, message: bytes) -> None:
         if (message[0] == _INSERT or (message[0] == _UPDATE and message[5] == _NEW)) and not self._skipping:
             relation = self.relations[_OID(message, 1)[0]]
             self.changes.messages += 1
-            if relation.key_first and message[8] == self._value:
-                # The key is the relation's first column: its value starts at byte 13 (kind, oid, 'N',
-                # column count, 't', size). The general path below handles what this one cannot.
-                end = 13 + _SIZE(message, 9)[0]
-                key = (self._text(message[13:end]),)
-                rows = self.changes.rows
-                if message[0] == _INSERT or message.find(b"u", end) < 0 or rows.get(key) is None:
-                    rows[key] = _Lazy(message, 6, relation)  # type: ignore[assignment]
-                    return
             if self._defer(message[0] == _INSERT, message, 6, relation):
                 return
             self.changes.messages -= 1  # counted again below
@@ -381,6 +403,12 @@ class PgOutputDecoder:
                     at += 1
         rows[key] = _Lazy(message, position, relation)  # type: ignore[assignment]
         return True
+
+    def row(self, key: tuple[Any, ...]) -> list[Value] | None:
+        """The key's row, decoded (and kept decoded, for a caller that changes its values); None if deleted."""
+        row = self._decoded(self.changes.rows[key])
+        self.changes.rows[key] = row
+        return row  # type: ignore[no-any-return]
 
     def _decoded(self, row: Any) -> Any:
         return self._tuple(row.message, row.position, row.relation)[0] if isinstance(row, _Lazy) else row
@@ -580,19 +608,27 @@ def attempt_cdc(run: TableRun) -> None:
     with run.connected():
         ensure_state_tables(run.tgt)
         with run.locked():
-            shape = run.describe(key_for="mode cdc")
             name = replication_name(run.names.target_text, run.tgt.info.dbname)
             stored = read_watermark(run.tgt, run.names.target_text, cdc=True)
             run.tgt.commit()
             report.watermark_before = stored
-            reason = None if stored is None else _why_full_copy(run, name, stored, shape)
-            if stored is None or reason is not None:
-                if reason:
-                    logger.warning("%s: %s", table.name, reason)
-                    report.notes.append(reason)
-                _full_copy(run, name)
-            else:
-                _apply_changes(run, name, stored)
+            # Under the lock, so that the position read cannot be older than the stored one.
+            reader = None if stored is None else _SlotReader(run, name, stored)
+            try:
+                shape = run.describe(key_for="mode cdc")
+                reason = None if stored is None else _why_full_copy(run, name, stored, shape)
+                if reader is None or reason is not None:
+                    if reader is not None:
+                        reader.stop()  # it holds the slot, which the full copy drops
+                    if reason:
+                        logger.warning("%s: %s", table.name, reason)
+                        report.notes.append(reason)
+                    _full_copy(run, name)
+                else:
+                    _apply_changes(run, name, stored, reader)
+            finally:
+                if reader is not None:
+                    reader.stop()
             _measure_slot(run, name)
 
 
@@ -713,7 +749,7 @@ def _full_copy(run: TableRun, name: str) -> None:
     check_requirements(run, name)
     run.create_types()
     _ensure_publication(run, name)
-    wait_until_slot_free(run, name)
+    wait_until_slot_free(run.src, name, run.table)
     _drop_slot(run.src, name)
     run.src.rollback()
     run.tgt.rollback()  # a slot's creation waits for every open transaction that wrote, ours too
@@ -736,57 +772,131 @@ def _full_copy(run: TableRun, name: str) -> None:
         exported.connection.close()
 
 
-def read_changes(src: psycopg.Connection, name: str, upto: str, *, binary: bool = False) -> Iterator[bytes]:
-    """The slot's pgoutput messages of transactions that commit before `upto`, without consuming them.
+def read_changes(src: psycopg.Connection, name: str, upto: str, *, binary: bool = False) -> Iterator[list[bytes]]:
+    """The slot's pgoutput messages of transactions that commit before `upto`, in batches, without consuming them.
 
     `binary`: values in their types' binary send format (pgoutput's `binary` option, PostgreSQL 14+).
     """
-    with src.transaction(force_rollback=True), src.cursor(name="copy_engine_cdc_changes") as cursor:
-        cursor.itersize = 10_000
+    with src.transaction(force_rollback=True), \
+            src.cursor(name="copy_engine_cdc_changes", row_factory=scalar_row) as cursor:
         # The option only when wanted: pgoutput before PostgreSQL 14 refuses it.
         cursor.execute(sql.SQL(
             "select data from pg_logical_slot_peek_binary_changes(%s, %s::pg_lsn, null, 'proto_version', '1', "
             "'publication_names', %s{})").format(sql.SQL(", 'binary', 'true'") if binary else sql.SQL("")),
             (name, upto, name), binary=True)
-        for (data,) in cursor:
-            yield bytes(data)
+        while batch := cursor.fetchmany(_READ_BATCH):
+            yield batch
 
 
-def wait_until_slot_free(run: TableRun, name: str) -> None:
-    """Wait (up to `lock_wait_s`) while another session uses the slot, such as the backend of a killed
-    run that has not noticed its client is gone; then fail transiently."""
+class _SlotReader(threading.Thread):
+    """Reads the slot's changes up to the source's flushed position on a source connection of its own, into
+    a queue of message batches.
+
+    Started as soon as the run holds its lock: it connects and takes the position while the run describes
+    the table, and reads once `read()` gives the value format. The source sends the first message only
+    after decoding them all; meanwhile the run checks the slot and prepares the target.
+    """
+
+    def __init__(self, run: TableRun, name: str, stored: str, upto: str | None = None) -> None:
+        super().__init__(name="copy_engine_cdc_read", daemon=True)
+        self.table_run, self.slot, self.stored = run, name, stored
+        self.upto = upto  # set before the first batch is queued
+        # Batches, then None at the end or what the read raised; a few at most, so memory follows the decoder.
+        self.batches: queue.Queue[list[bytes] | BaseException | None] = queue.Queue(maxsize=4)
+        self._binary = False
+        self._told, self._stopped = threading.Event(), threading.Event()
+        self._connection: psycopg.Connection | None = None
+        self.start()
+
+    def run(self) -> None:
+        outcome: BaseException | None = None
+        try:
+            run = self.table_run
+            with connect(run.source_dsn, role="source", table=run.table.name) as src:
+                self._connection = src
+                if self.upto is None:
+                    wait_until_slot_free(src, self.slot, run.table, self._stopped)
+                    flush_source_wal(src)
+                    row = src.execute("select pg_current_wal_flush_lsn()::text").fetchone()
+                    src.commit()
+                    assert row is not None
+                    # The flushed position, not the inserted one: decoding reads only flushed WAL, and a
+                    # transaction committed asynchronously before `upto` must not be left behind a position
+                    # stored as applied.
+                    self.upto = max(row[0], self.stored, key=lsn_int)
+                self._told.wait()
+                if not self._stopped.is_set():
+                    for batch in read_changes(src, self.slot, self.upto, binary=self._binary):
+                        if self._stopped.is_set():
+                            break
+                        self.batches.put(batch)
+        except BaseException as error:  # noqa: BLE001 (raised in the run's thread by messages())
+            outcome = error
+        finally:
+            self._connection = None
+            if not self._stopped.is_set():
+                self.batches.put(outcome)
+
+    def read(self, *, binary: bool) -> None:
+        self._binary = binary
+        self._told.set()
+
+    def messages(self) -> Iterator[list[bytes]]:
+        """The batches of messages in the slot's order; raises what the read raised."""
+        while (item := self.batches.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def stop(self) -> None:
+        """End the read (its query cancelled) and wait for the thread; what it read or raised is dropped."""
+        self._stopped.set()
+        self._told.set()
+        connection = self._connection
+        if connection is not None:
+            with contextlib.suppress(psycopg.Error):
+                connection.cancel_safe(timeout=10)
+        while self.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self.batches.get(timeout=0.05)  # a full queue would keep the thread waiting
+        self.join()
+
+
+def wait_until_slot_free(src: psycopg.Connection, name: str, table: TableConfig,
+                         stopped: threading.Event | None = None) -> None:
+    """Wait (up to `lock_wait_s`, or until `stopped`) while another session uses the slot, such as the backend
+    of a killed run that has not noticed its client is gone; then fail transiently."""
     def free() -> bool | None:
-        with run.src.transaction(force_rollback=True):
-            row = run.src.execute("select active_pid from pg_replication_slots where slot_name = %s",
-                                  (name,)).fetchone()
-        return True if row is None or row[0] is None else None
+        with src.transaction(force_rollback=True):
+            row = src.execute("select active_pid from pg_replication_slots where slot_name = %s",
+                              (name,)).fetchone()
+        return True if row is None or row[0] is None or (stopped and stopped.is_set()) else None
 
-    if wait_for(free, timeout_s=run.table.lock_wait_s, poll_s=0.2) is None:
+    if wait_for(free, timeout_s=table.lock_wait_s, poll_s=0.2) is None:
         raise TransientError(f"the replication slot {name} is in use by another session on the source; "
-                             "the run will be retried", table=run.table.name)
+                             "the run will be retried", table=table.name)
 
 
-def _apply_changes(run: TableRun, name: str, stored: str) -> None:
-    table, report, src = run.table, run.report, run.src
-    wait_until_slot_free(run, name)
-    flush_source_wal(src)
-    row = src.execute("select pg_current_wal_flush_lsn()::text").fetchone()
-    src.commit()
-    assert row is not None
-    # The flushed position, not the inserted one: decoding reads only flushed WAL, and a transaction
-    # committed asynchronously before `upto` must not be left behind a position stored as applied.
-    upto = max(row[0], stored, key=lsn_int)
+def _apply_changes(run: TableRun, name: str, stored: str, reader: _SlotReader) -> None:
+    table, report = run.table, run.report
     binary_types = _binary_types(run)
     try:
-        _read_and_write(run, name, stored, upto, binary_types)
+        _read_and_write(run, name, stored, reader, binary_types)
     except NeedsText as why:
         if binary_types is None:
             raise
         logger.info("%s: %s; reading the changes again with text values", table.name, why)
-        _read_and_write(run, name, stored, upto, None)
+        reader.stop()
+        reader = _SlotReader(run, name, stored, reader.upto)
+        try:
+            _read_and_write(run, name, stored, reader, None)
+        finally:
+            reader.stop()
+    upto = report.watermark_after
+    assert upto is not None
     logger.info("%s: applied up to %s (inserted %d, updated %d, deleted %d)", table.name, upto,
                 report.rows_inserted, report.rows_updated, report.rows_deleted)
-    confirm_position(src, name, upto)
+    confirm_position(run.src, name, upto)
     if run.validate:
         # No source snapshot matches the applied position: the summary says "not validated", not "off".
         report.validation = ValidationResult(match=None)
@@ -815,42 +925,84 @@ def _binary_types(run: TableRun) -> dict[str, int] | None:
     return {column.name: column.type_oid for column in shape.columns}
 
 
-def _read_and_write(run: TableRun, name: str, stored: str, upto: str, binary_types: dict[str, int] | None) -> None:
-    """Read the slot's changes up to `upto`, coalesce them per key, and apply them with the position in one
+def _read_and_write(run: TableRun, name: str, stored: str, reader: _SlotReader,
+                    binary_types: dict[str, int] | None) -> None:
+    """Read the slot's changes (by `reader`), coalesce them per key, and apply them with the position in one
     target transaction. Raises NeedsText, having written nothing, when binary values cannot carry them."""
     table, report, src, shape = run.table, run.report, run.src, run.shape
+    reader.read(binary=binary_types is not None)
     lookup = _target_value if binary_types is None else _target_binary_value
     decoder = PgOutputDecoder(shape.names, shape.primary_key, lsn_int(stored), lookup=lambda key, column:
                               lookup(run, key, column), encoding=src.info.encoding, binary_types=binary_types)
     generated = _generated_expressions(run) if any(column.generated for column in shape.columns) else {}
     run.tgt.rollback()
     with run.data_transaction():
-        # The target's side (its schema, the lock timeout, the stage) is prepared by a thread while the
-        # source decodes the slot: the first rows of the read arrive only once it decoded them all.
-        preparing = _Beside(lambda: _prepare_stage(run, binary=binary_types is not None))
-        messages = read_changes(src, name, upto, binary=binary_types is not None)
-        try:
-            started = time.monotonic()
-            for count, message in enumerate(messages, 1):
-                decoder.feed(message)
-                if count % PROGRESS_EVERY == 0:
-                    logger.info("%s: decoded %d change message(s), %d key(s) so far (%.0f/s)", table.name, count,
-                                len(decoder.changes.rows), count / (time.monotonic() - started))
-                    if preparing.error is not None:
-                        break  # the target's side failed: raised below, without reading the rest
-        finally:
-            messages.close()  # the source's read transaction ends here, also when decoding raised
-            preparing.join()
-        preparing.result()
-        changes = decoder.changes
+        # The target's side is prepared while the source decodes the slot, which sends nothing before it is done.
+        _prepare_stage(run, binary=binary_types is not None)
+        started, count = time.monotonic(), 0
+        for batch in reader.messages():
+            decoder.feed_all(batch)
+            if (count + len(batch)) // PROGRESS_EVERY > count // PROGRESS_EVERY:
+                logger.info("%s: decoded %d change message(s), %d key(s) so far (%.0f/s)", table.name,
+                            count + len(batch), len(decoder.changes.rows),
+                            (count + len(batch)) / (time.monotonic() - started))
+            count += len(batch)
+        changes, upto = decoder.changes, reader.upto
+        assert upto is not None
         report.rows_read = changes.messages
         logger.info("%s: %d change(s) in %d transaction(s) (%d already applied) up to %s: %d key(s) to write%s",
                     table.name, changes.messages, changes.transactions, changes.skipped_transactions, upto,
                     len(changes.rows), " (binary values)" if binary_types is not None else "")
+        if any(column.facts.read_cast for column in shape.columns):
+            _restore_stored_text(run, decoder)
         _write(run, decoder, generated)
         report.watermark_after = upto
         write_state(run.tgt, report, None, replication_slot=name)
         run.record_committed()
+
+
+def _restore_stored_text(run: TableRun, decoder: PgOutputDecoder) -> None:
+    """Give the written rows' xml values (and arrays, domains of xml) the text the source stores.
+
+    pgoutput sends a value by its type's output function, which for xml drops a default declaration
+    (`<?xml version="1.0"?>`) that the table copies keep by reading the column through its cast to text
+    (`TypeFacts.read_cast`). So the source's current rows of the written keys are read: where the output of
+    a value is the text the change carried, the source holds that document still, and its stored text replaces
+    the change's. A value changed since keeps the change's text; the run that reads that change restores it.
+    """
+    shape, src = run.shape, run.src
+    key = list(shape.primary_key)
+    columns = [column for column in shape.columns if column.facts.read_cast]
+    keys = [row_key for row_key, row in decoder.changes.rows.items() if row is not None]
+    names = [sql.Identifier(f"_key{number}") for number in range(len(key))]
+    query = sql.SQL("select {}, {} from {} as s join unnest({}) as u({}) on {}").format(
+        column_list(key, "s"),
+        sql.SQL(", ").join(sql.SQL("s.{0}, s.{0}::{1}").format(sql.Identifier(column.name),
+                                                               sql.SQL(column.facts.read_cast))  # type: ignore[arg-type]
+                           for column in columns),
+        sql.Identifier(*run.table.source_schema_table),
+        sql.SQL(", ").join(sql.SQL("%s::text[]") for _ in key), sql.SQL(", ").join(names),
+        sql.SQL(" and ").join(sql.SQL("s.{} = u.{}::{}").format(
+            sql.Identifier(name), alias, sql.SQL(shape.column(name).type_sql))  # type: ignore[union-attr]
+            for name, alias in zip(key, names, strict=True)))
+    positions = [decoder.index[column.name] for column in columns]
+    for start in range(0, len(keys), _READ_BATCH):
+        batch = keys[start:start + _READ_BATCH]
+        with src.transaction(force_rollback=True):
+            result = src.execute(query, [list(values) for values in zip(*batch, strict=True)]).pgresult
+        assert result is not None
+        for number in range(result.ntuples):
+            # The values as text, as pgoutput sends them: the raw result, past psycopg's loaders.
+            text = [None if value is None else bytes(value).decode(decoder.encoding)
+                    for value in (result.get_value(number, field) for field in range(result.nfields))]
+            row_key = tuple(text[:len(key)])
+            if row_key not in decoder.changes.rows:
+                continue
+            row = decoder.row(row_key)
+            assert row is not None
+            for position, output, stored in zip(positions, text[len(key)::2], text[len(key) + 1::2], strict=True):
+                if row[position] == output:
+                    row[position] = stored
 
 
 def flush_source_wal(src: psycopg.Connection) -> None:
@@ -971,32 +1123,11 @@ def _compute_generated(run: TableRun, generated: dict[str, str], stage: sql.Comp
             "warehouse, or sync the table with mode full or incremental", table=run.table.name) from error
 
 
-class _Beside(threading.Thread):
-    """A function run by a thread beside the caller's work; `result()` re-raises what it raised."""
-
-    def __init__(self, function: Callable[[], None]) -> None:
-        super().__init__(name="copy_engine_cdc_prepare", daemon=True)
-        self.function = function
-        self.error: BaseException | None = None
-        self.start()
-
-    def run(self) -> None:
-        try:
-            self.function()
-        except BaseException as error:  # noqa: BLE001 (handed to the caller by result())
-            self.error = error
-
-    def result(self) -> None:
-        self.join()
-        if self.error is not None:
-            raise self.error
-
-
 def _prepare_stage(run: TableRun, *, binary: bool) -> None:
     """In the data transaction: the target brought in line with the source, the lock timeout, and the empty
     stage. Its columns take binary values in the source's types; text values as text, cast by the apply.
 
-    Runs beside the slot's read, so a schema change's lock (a widened column) is held during the read too."""
+    Runs while the slot is read, so a schema change's lock (a widened column) is held during the read too."""
     shape = run.shape
     # The transaction idles while the source decodes the slot and the engine the messages: a warehouse's
     # idle_in_transaction_session_timeout must not end it (a large backlog is read for minutes).
@@ -1041,8 +1172,11 @@ def _write(run: TableRun, decoder: PgOutputDecoder, generated: dict[str, str] | 
 
     match = sql.SQL(" and ").join(sql.SQL("t.{} = {}").format(sql.Identifier(name), typed(name)) for name in key)
     delete = sql.SQL("delete from {} as t using {} as s where s._op = 'd' and {}").format(target, stage, match)
-    upsert = run.upsert_query(sql.SQL("select {} from {} as s where s._op = 'u' and s._keep = ''").format(
-        sql.SQL(", ").join(typed(name) for name in columns), stage), computed=generated)
+    # In key order, as the cursor run's upsert (its `distinct on`): the target's key index and its rows, loaded
+    # in key order, are then visited in order rather than in the order of the source's changes.
+    upsert = run.upsert_query(sql.SQL("select {} from {} as s where s._op = 'u' and s._keep = '' order by {}").format(
+        sql.SQL(", ").join(typed(name) for name in columns), stage, sql.SQL(", ").join(typed(name) for name in key)),
+        computed=generated)
     chunks = decoder.stage_rows(generated, tgt.info.encoding, _FIRST_CHUNK, _CHUNK_GROWTH, _LARGEST_CHUNK)
     chunk: StageChunk | None = next(chunks)
     first = True

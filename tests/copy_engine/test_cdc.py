@@ -583,11 +583,9 @@ def test_every_catalog_type_arrives_exactly(cdc_pair: Pair, values: str, caplog:
             pair.run(pair.source, sql.SQL("alter table public.wide drop column {}").format(sql.Identifier(name)))
         wide = Wide([c for c in wide.columns if c.name not in domains], wide.rows)
     else:
-        # Left out: pgoutput sends xml by its output function, which drops a default XML declaration
-        # (<?xml version="1.0"?>) that the table copies keep by reading xml through ::text. Known, not fixed.
-        for name in ("c_xml", "a_xml"):
-            pair.run(pair.source, sql.SQL("alter table public.wide drop column {}").format(sql.Identifier(name)))
-        wide = Wide([c for c in wide.columns if c.name not in ("c_xml", "a_xml")], wide.rows)
+        # pgoutput sends xml without a default declaration (<?xml version="1.0"?>): the run restores the text
+        # the source stores, which the dump below compares (xml through ::text, arrays through ::text[]).
+        assert {"c_xml", "a_xml"} <= {c.name for c in wide.columns}
     table = TableConfig(name="wide", source="public.wide", target="raw.wide", mode="cdc", validate=False)
     first = sync_table(pair.source, pair.target, table)
     assert first.rows_inserted == wide.rows
@@ -625,7 +623,7 @@ def test_a_column_type_changed_within_the_changes_reads_them_again_as_text(
 
 def test_a_slow_slot_read_outlasts_the_warehouses_idle_transaction_timeout(
         pg18_pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The target's transaction is open (its side prepared by a thread) while the slot is read."""
+    """The target's transaction is open (its side prepared while a thread reads the slot) during the read."""
     pair = pg18_pair
     first_copy(pair)
     target_database = psycopg.conninfo.conninfo_to_dict(pair.target)["dbname"]
@@ -633,7 +631,7 @@ def test_a_slow_slot_read_outlasts_the_warehouses_idle_transaction_timeout(
     pair.run(pair.source, "update items set qty = -qty where id <= 3")
     read_changes = _cdc.read_changes
 
-    def slow(*args: object, **kwargs: object) -> Iterator[bytes]:
+    def slow(*args: object, **kwargs: object) -> Iterator[list[bytes]]:
         time.sleep(1.0)
         yield from read_changes(*args, **kwargs)  # type: ignore[arg-type]
 
