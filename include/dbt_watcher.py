@@ -259,6 +259,8 @@ class NodeResultTrigger(WatcherTrigger):
 # The XCom keys Cosmos' producer publishes per dbt node (`<unique_id with __>_<suffix>`).
 EVENT_KEY_SUFFIX = "_dbt_event"
 COMPILED_SQL_KEY_SUFFIX = "_compiled_sql"
+TESTS_RESULT_KEY_SUFFIX = "_tests_status"
+SQL_WAIT_S = 1.0  # how long a model's published-only success waits for its compiled SQL
 NODE_KEY_SUFFIXES = (EVENT_KEY_SUFFIX, "_status", COMPILED_SQL_KEY_SUFFIX, "_tests_status")
 # What the node tasks wait for: a model's `_status`, its tests' `_tests_status` (both end so).
 RESULT_KEY_SUFFIX = "_status"
@@ -323,6 +325,9 @@ class QueuedXComPushes:
         self._published: dict[str, Any] = {}
         self._published_sent_at = 0.0
         self._published_pending = False
+        self._awaiting_sql: dict[str, tuple[str, Any, float]] = {}  # node -> its published-only status
+        # Published at once, empty: a node task that asks before the first result reads "nothing yet", not a 404.
+        self._published_pending = successes_published_only
         self._changed = threading.Condition()
         self.sent = self.replaced = self.skipped = self.published_only = 0
         self._thread = threading.Thread(target=self._send_all, name="cosmos-xcom-pushes", daemon=True)
@@ -341,16 +346,16 @@ class QueuedXComPushes:
             if self._pending.pop(key, None) is not None:
                 self.replaced += 1
             self._pending[key] = (value, published_only)
-            status_key = key.removesuffix(COMPILED_SQL_KEY_SUFFIX) + RESULT_KEY_SUFFIX
-            if key.endswith(COMPILED_SQL_KEY_SUFFIX) and self._pending.get(status_key, (None, False))[1]:
-                self._pending[status_key] = self._pending.pop(status_key)  # published after its SQL is sent
             self._changed.notify_all()
 
     def _send_all(self) -> None:
         while True:
             with self._changed:
                 while not self._pending and not self._closed and not self._published_pending:
-                    self._changed.wait()
+                    self._changed.wait(SQL_WAIT_S if self._awaiting_sql else None)
+                    self._publish_awaiting_sql(older_than=SQL_WAIT_S)
+                if self._closed and not self._pending:
+                    self._publish_awaiting_sql(older_than=0.0)
                 since_published = time.monotonic() - self._published_sent_at
                 if self._published_pending and not self._pending and not self._closed and (
                     self._successes_published_only and since_published < PUBLISHED_RESULTS_EVERY_S
@@ -364,8 +369,14 @@ class QueuedXComPushes:
                     key = next(iter(self._pending))
                     value, published_only = self._pending.pop(key)
                     if published_only:
-                        self._publish(key, value)
                         self.published_only += 1
+                        if key.startswith("model__") and key.endswith(RESULT_KEY_SUFFIX) and (
+                            not key.endswith(TESTS_RESULT_KEY_SUFFIX)
+                        ):
+                            # Its compiled SQL follows (Cosmos pushes it right after): published with it.
+                            self._awaiting_sql[key.removesuffix(RESULT_KEY_SUFFIX)] = (key, value, time.monotonic())
+                        else:
+                            self._publish(key, value)
                         continue
                 else:
                     return
@@ -382,7 +393,20 @@ class QueuedXComPushes:
                     if sent:
                         self.sent += 1
                         self._publish(key, value)
+                    if key.endswith(COMPILED_SQL_KEY_SUFFIX):
+                        awaiting = self._awaiting_sql.pop(key.removesuffix(COMPILED_SQL_KEY_SUFFIX), None)
+                        if awaiting is not None:
+                            self._publish(*awaiting[:2])
                     self._changed.notify_all()
+
+    def _publish_awaiting_sql(self, *, older_than: float) -> None:
+        """Publish the successes still waiting for their compiled SQL since `older_than` seconds (a model
+        whose compiled file is missing or empty has none)."""
+        now = time.monotonic()
+        for node, (key, value, since) in list(self._awaiting_sql.items()):
+            if now - since >= older_than:
+                del self._awaiting_sql[node]
+                self._publish(key, value)
 
     def _publish(self, key: str, value: Any) -> None:
         """Add a node's result or terminal event to the published results (the caller holds the lock)."""

@@ -150,17 +150,17 @@ def test_a_models_status_is_published_only_after_its_compiled_sql_was_sent():
     """Its task logs the compiled SQL once the published results say the model succeeded."""
     api = SlowApi(delay=0.03)
     queue = QueuedXComPushes(api.push, successes_published_only=True)
-    for n in range(20):
+    for n in range(4):
         queue.xcom_push(f"model__p__m{n}_status", {"status": "success", "outlet_uris": []})
+        time.sleep(0.3)  # Cosmos reads the compiled file in between: here longer than a publishing interval
         queue.xcom_push(f"model__p__m{n}_compiled_sql", f"select {n}")
-        time.sleep(0.01)
     queue.close()
     for i, (key, value) in enumerate(api.sent):
         if key == PUBLISHED_RESULTS_KEY:
-            for n in range(20):
+            for n in range(4):
                 if f"model__p__m{n}_status" in value:
                     assert f"model__p__m{n}_compiled_sql" in api.keys()[:i], f"m{n} published before its SQL"
-    assert api.keys().count("model__p__m19_compiled_sql") == 1 and api.sent[-1][0] == PUBLISHED_RESULTS_KEY
+    assert api.keys().count("model__p__m3_compiled_sql") == 1 and api.sent[-1][0] == PUBLISHED_RESULTS_KEY
 
 
 def test_published_successes_are_sent_at_most_every_quarter_second_and_at_once_when_closed():
@@ -177,3 +177,27 @@ def test_published_successes_are_sent_at_most_every_quarter_second_and_at_once_w
     published = api.keys().count(PUBLISHED_RESULTS_KEY)
     assert 3 <= published <= 6, f"{published} published results in a second of successes every 5 ms"
     assert "model__p__last_status" in api.sent[-1][1]
+
+
+def test_a_model_without_compiled_sql_is_published_within_a_second_and_the_first_listing_is_empty():
+    api = SlowApi(delay=0.005)
+    queue = QueuedXComPushes(api.push, successes_published_only=True)
+    queue.xcom_push("model__p__empty_status", {"status": "success", "outlet_uris": []})  # its file is empty
+    started = time.perf_counter()
+    while not any(key == PUBLISHED_RESULTS_KEY and "model__p__empty_status" in value for key, value in api.sent):
+        assert time.perf_counter() - started < 2, "a model without compiled SQL was never published"
+        time.sleep(0.05)
+    assert 0.9 < time.perf_counter() - started < 1.5
+    queue.close()
+    assert api.sent[0] == (PUBLISHED_RESULTS_KEY, {})
+
+
+def test_a_models_event_and_its_tests_status_are_published_without_waiting_for_its_compiled_sql():
+    api = SlowApi(delay=0.005)
+    queue = QueuedXComPushes(api.push, successes_published_only=True)
+    queue.xcom_push("model__p__a_dbt_event", {"status": "success", "msg": "CREATE VIEW"})
+    queue.xcom_push("model__p__a_tests_status", "pass")
+    time.sleep(0.5)  # two publishing intervals, well under the second a model's status waits for its SQL
+    listed = [value for key, value in api.sent if key == PUBLISHED_RESULTS_KEY][-1]
+    assert set(listed) == {"model__p__a_dbt_event", "model__p__a_tests_status"}
+    queue.close()
