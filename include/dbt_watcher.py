@@ -205,7 +205,7 @@ class NodeResultTrigger(WatcherTrigger):
     async def _log_results(self) -> None:
         for unique_id, event in (await self._watched_events()).items():
             logger.info("%s", dbt_result_line(unique_id, event))
-        if not self.is_test_sensor:
+        if not self.is_test_sensor and self.model_unique_id.startswith("model."):  # only a model has one
             key = get_compiled_sql_xcom_key(self.model_unique_id)
             compiled_sql = await self.get_xcom_val(key)
             if compiled_sql is None:  # sent right after its status: once more, in case this read came between
