@@ -207,10 +207,7 @@ class NodeResultTrigger(WatcherTrigger):
             logger.info("%s", dbt_result_line(unique_id, event))
         if not self.is_test_sensor and self.model_unique_id.startswith("model."):  # only a model has one
             key = get_compiled_sql_xcom_key(self.model_unique_id)
-            compiled_sql = await self.get_xcom_val(key)
-            if compiled_sql is None:  # sent right after its status: once more, in case this read came between
-                await asyncio.sleep(PUBLISHED_RESULTS_EVERY_S)
-                compiled_sql = await self.get_xcom_val(key)
+            compiled_sql = await self.get_xcom_val(key)  # sent before the model's status was published
             if compiled_sql:
                 logger.info("compiled SQL of %s:\n%s", self.model_unique_id, compiled_sql)
 
@@ -259,11 +256,11 @@ class NodeResultTrigger(WatcherTrigger):
 # The XCom keys Cosmos' producer publishes per dbt node (`<unique_id with __>_<suffix>`).
 EVENT_KEY_SUFFIX = "_dbt_event"
 COMPILED_SQL_KEY_SUFFIX = "_compiled_sql"
-TESTS_RESULT_KEY_SUFFIX = "_tests_status"
-SQL_WAIT_S = 1.0  # how long a model's published-only success waits for its compiled SQL
-NODE_KEY_SUFFIXES = (EVENT_KEY_SUFFIX, "_status", COMPILED_SQL_KEY_SUFFIX, "_tests_status")
 # What the node tasks wait for: a model's `_status`, its tests' `_tests_status` (both end so).
 RESULT_KEY_SUFFIX = "_status"
+TESTS_RESULT_KEY_SUFFIX = "_tests_status"
+NODE_KEY_SUFFIXES = (EVENT_KEY_SUFFIX, RESULT_KEY_SUFFIX, COMPILED_SQL_KEY_SUFFIX, TESTS_RESULT_KEY_SUFFIX)
+SQL_WAIT_S = 1.0  # how long a model's published-only success waits for its compiled SQL
 # One XCom mapping every result key sent so far to its dbt status, and every node's terminal event
 # key to what its task logs of it, so a waiting trigger reads one key a run, not its node's: at 200
 # models one read per node kept the last nodes' tasks waiting tens of seconds after the build.
