@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -130,11 +131,12 @@ class NodeResultTrigger(WatcherTrigger):
         return True
 
     async def _shared_read(self, what: str, max_age: float, read: Any) -> Any:
-        """`read()`'s value, read at most once per `max_age` for all triggers of this run."""
+        """`read()`'s value, read at most once per `max_age` for all triggers of this run (a value never
+        read, or read as None with an infinite `max_age`, is read now)."""
         key = (self.dag_id, self.run_id, self.producer_task_id, what)
         async with _shared_locks.setdefault(key, asyncio.Lock()):
-            read_at, value = _shared.get(key, (0.0, None))
-            if time.monotonic() - read_at >= max_age:
+            read_at, value = _shared.get(key, (None, None))
+            if read_at is None or time.monotonic() - read_at >= max_age or (value is None and max_age == math.inf):
                 await _pace.turn()
                 started = time.monotonic()  # what was read is at least as new as this
                 value = await read()
@@ -206,10 +208,21 @@ class NodeResultTrigger(WatcherTrigger):
         for unique_id, event in (await self._watched_events()).items():
             logger.info("%s", dbt_result_line(unique_id, event))
         if not self.is_test_sensor and self.model_unique_id.startswith("model."):  # only a model has one
-            key = get_compiled_sql_xcom_key(self.model_unique_id)
-            compiled_sql = await self.get_xcom_val(key)  # sent before the model's status was published
+            compiled_sql = await self._compiled_sql()
             if compiled_sql:
                 logger.info("compiled SQL of %s:\n%s", self.model_unique_id, compiled_sql)
+
+    async def _compiled_sql(self) -> str | None:
+        """The model's compiled SQL: from the page the published results name for it (`QueuedXComPushes`
+        sends it there, before the results that list the model), else its own key."""
+        key = get_compiled_sql_xcom_key(self.model_unique_id)
+        published = await self._published()
+        page = published.get(key) if isinstance(published, dict) else None
+        if not isinstance(page, int):
+            return await self.get_xcom_val(key)
+        sql_page = await self._shared_read(f"sql page {page}", math.inf,
+                                           lambda: self.get_xcom_val(sql_page_key(page)))  # fmt: skip
+        return sql_page.get(key) if isinstance(sql_page, dict) else None
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         if self._started_by_scheduler() and int(self.task_instance.try_number or 1) > 1:
@@ -286,6 +299,14 @@ def _is_success(key: str, value: Any) -> bool:
 
 
 PUBLISHED_RESULTS_EVERY_S = 0.25
+SQL_PAGE_KEY_PREFIX = "dbt_compiled_sql_page_"
+
+
+def sql_page_key(page: int) -> str:
+    """The XCom key of a page of compiled SQL (`QueuedXComPushes`)."""
+    return f"{SQL_PAGE_KEY_PREFIX}{page}"
+
+
 # A node's dbt event while it runs (NodeStart, NodeCompiling, NodeExecuting): no task reads it, a
 # node's task logs the terminal one.
 RUNNING_NODE_STATUSES = frozenset({"started", "compiling", "executing", None})
@@ -308,8 +329,11 @@ class QueuedXComPushes:
     results, and only a failed node's task reads its keys, in a worker) a result or event that is a
     success or a skip is not sent on its own, only published: at 200 models that saved about 800 of
     1,200 pushes, each a round trip the api-server spent CPU on while the build needed it. Its place
-    in the order is kept: it is published once everything queued before it has been sent, and a
-    model's compiled SQL (which its task logs) is sent before its status is published.
+    in the order is kept: it is published once everything queued before it has been sent. Compiled
+    SQL, which only the model's own task logs, goes out in pages: the models' SQL that arrived since
+    the last published results, in one XCom (`sql_page_key`) sent just before the next published
+    results, which give each model's page number under its compiled SQL key. A model's status is
+    published with its SQL (or after SQL_WAIT_S without): its task finds the SQL when it ends.
     """
 
     def __init__(self, push: Any, *, successes_published_only: bool = False) -> None:
@@ -323,10 +347,12 @@ class QueuedXComPushes:
         self._published_sent_at = 0.0
         self._published_pending = False
         self._awaiting_sql: dict[str, tuple[str, Any, float]] = {}  # node -> its published-only status
+        self._sql_page: dict[str, Any] = {}  # compiled SQL keys -> SQL, sent with the next published results
+        self.sql_pages = 0  # pages sent
         # Published at once, empty: a node task that asks before the first result reads "nothing yet", not a 404.
         self._published_pending = successes_published_only
         self._changed = threading.Condition()
-        self.sent = self.replaced = self.skipped = self.published_only = 0
+        self.sent = self.replaced = self.skipped = self.published_only = self.sql_paged = 0
         self._thread = threading.Thread(target=self._send_all, name="cosmos-xcom-pushes", daemon=True)
         self._thread.start()
 
@@ -360,41 +386,60 @@ class QueuedXComPushes:
                     self._changed.wait(PUBLISHED_RESULTS_EVERY_S - since_published)
                     continue
                 if self._published_pending and (not self._pending or since_published >= PUBLISHED_RESULTS_EVERY_S):
-                    key, value = PUBLISHED_RESULTS_KEY, dict(self._published)
+                    sends = [(PUBLISHED_RESULTS_KEY, dict(self._published))]
+                    if self._sql_page:  # before the results that name it
+                        sends.insert(0, (sql_page_key(self.sql_pages), self._sql_page))
+                        self._sql_page, self.sql_pages = {}, self.sql_pages + 1
                     self._published_pending, self._published_sent_at = False, time.monotonic()
                 elif self._pending:
                     key = next(iter(self._pending))
                     value, published_only = self._pending.pop(key)
+                    sends = [(key, value)]
+                    if self._successes_published_only and key.endswith(COMPILED_SQL_KEY_SUFFIX):
+                        self._sql_page[key] = value
+                        self._published[key] = self.sql_pages  # the page it goes out in
+                        self._published_pending = True
+                        self.sql_paged += 1
+                        awaiting = self._awaiting_sql.pop(key.removesuffix(COMPILED_SQL_KEY_SUFFIX), None)
+                        if awaiting is not None:
+                            self._publish(*awaiting[:2])
+                        continue
                     if published_only:
                         self.published_only += 1
+                        node = key.removesuffix(RESULT_KEY_SUFFIX)
                         if key.startswith("model__") and key.endswith(RESULT_KEY_SUFFIX) and (
                             not key.endswith(TESTS_RESULT_KEY_SUFFIX)
-                        ):
+                        ) and node + COMPILED_SQL_KEY_SUFFIX not in self._published:
                             # Its compiled SQL follows (Cosmos pushes it right after): published with it.
-                            self._awaiting_sql[key.removesuffix(RESULT_KEY_SUFFIX)] = (key, value, time.monotonic())
+                            self._awaiting_sql[node] = (key, value, time.monotonic())
                         else:
                             self._publish(key, value)
                         continue
                 else:
                     return
                 self._in_flight = True
-            sent = False
-            try:
-                self._push(key=key, value=value)
-                sent = True
-            except BaseException as error:  # kept for close(); the rest is still sent
-                self._error = self._error or error
-            finally:
-                with self._changed:
-                    self._in_flight = False
-                    if sent:
-                        self.sent += 1
-                        self._publish(key, value)
-                    if key.endswith(COMPILED_SQL_KEY_SUFFIX):
-                        awaiting = self._awaiting_sql.pop(key.removesuffix(COMPILED_SQL_KEY_SUFFIX), None)
-                        if awaiting is not None:
-                            self._publish(*awaiting[:2])
-                    self._changed.notify_all()
+            for key, value in sends:
+                self._send(key, value)
+            with self._changed:
+                self._in_flight = False
+                self._changed.notify_all()
+
+    def _send(self, key: str, value: Any) -> None:
+        sent = False
+        try:
+            self._push(key=key, value=value)
+            sent = True
+        except BaseException as error:  # kept for close(); the rest is still sent
+            self._error = self._error or error
+        finally:
+            with self._changed:
+                if sent:
+                    self.sent += 1
+                    self._publish(key, value)
+                if key.endswith(COMPILED_SQL_KEY_SUFFIX):
+                    awaiting = self._awaiting_sql.pop(key.removesuffix(COMPILED_SQL_KEY_SUFFIX), None)
+                    if awaiting is not None:
+                        self._publish(*awaiting[:2])
 
     def _publish_awaiting_sql(self, *, older_than: float) -> None:
         """Publish the successes still waiting for their compiled SQL since `older_than` seconds (a model
@@ -464,8 +509,9 @@ def queue_xcom_pushes(producer: Any, *, successes_published_only: bool = False) 
             finally:
                 vars(ti).pop("xcom_push", None)
                 logger.info("node results published: %d XCom pushes (%d superseded before sending, %d running "
-                            "states not sent, %d successes only published); the last sent %.1f s after dbt ended, "
-                            "%.1f s in all", queue.sent, queue.replaced, queue.skipped, queue.published_only,
+                            "states not sent, %d successes only published, %d models' compiled SQL in %d pages); "
+                            "the last sent %.1f s after dbt ended, %.1f s in all", queue.sent, queue.replaced,
+                            queue.skipped, queue.published_only, queue.sql_paged, queue.sql_pages,
                             time.monotonic() - waited, time.monotonic() - started)  # fmt: skip
 
     producer.execute = execute_with_queued_pushes

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from include.dbt_watcher import PUBLISHED_RESULTS_KEY, QueuedXComPushes
+from include.dbt_watcher import PUBLISHED_RESULTS_KEY, QueuedXComPushes, sql_page_key
 
 
 class SlowApi:
@@ -135,18 +135,20 @@ def test_successes_are_only_published_and_failures_are_still_sent_on_their_own()
     queue.xcom_push("model__p__b_status", {"status": "skipped", "outlet_uris": ["uri_b"]})
     queue.close()
     assert [k for k in api.keys() if k != PUBLISHED_RESULTS_KEY] == [
-        "model__p__a_compiled_sql", "test__p__t_dbt_event", "model__p__a_tests_status"]
+        "test__p__t_dbt_event", "model__p__a_tests_status", sql_page_key(0)]
+    assert api.sent[-2] == (sql_page_key(0), {"model__p__a_compiled_sql": "select 1"})
     assert (queue.sent - api.keys().count(PUBLISHED_RESULTS_KEY), queue.published_only) == (3, 3)
+    assert (queue.sql_paged, queue.sql_pages) == (1, 1)
     assert api.sent[-1] == (PUBLISHED_RESULTS_KEY, {
         "model__p__a_dbt_event": {"status": "success", "start_time": None, "finish_time": None, "msg": "CREATE VIEW"},
-        "model__p__a_status": "success", "model__p__a_outlet_uris": ["uri_a"],
+        "model__p__a_status": "success", "model__p__a_outlet_uris": ["uri_a"], "model__p__a_compiled_sql": 0,
         "test__p__t_dbt_event": {"status": "fail", "start_time": None, "finish_time": None,
                                  "msg": "Got 2 results, configured to fail if != 0"},
         "model__p__a_tests_status": "failed",
         "model__p__b_status": "skipped", "model__p__b_outlet_uris": ["uri_b"]})
 
 
-def test_a_models_status_is_published_only_after_its_compiled_sql_was_sent():
+def test_a_models_status_is_published_with_the_page_of_its_compiled_sql_sent_before():
     """Its task logs the compiled SQL once the published results say the model succeeded."""
     api = SlowApi(delay=0.03)
     queue = QueuedXComPushes(api.push, successes_published_only=True)
@@ -155,12 +157,29 @@ def test_a_models_status_is_published_only_after_its_compiled_sql_was_sent():
         time.sleep(0.3)  # Cosmos reads the compiled file in between: here longer than a publishing interval
         queue.xcom_push(f"model__p__m{n}_compiled_sql", f"select {n}")
     queue.close()
+    listings = 0
     for i, (key, value) in enumerate(api.sent):
         if key == PUBLISHED_RESULTS_KEY:
             for n in range(4):
                 if f"model__p__m{n}_status" in value:
-                    assert f"model__p__m{n}_compiled_sql" in api.keys()[:i], f"m{n} published before its SQL"
-    assert api.keys().count("model__p__m3_compiled_sql") == 1 and api.sent[-1][0] == PUBLISHED_RESULTS_KEY
+                    listings += 1
+                    page = value[f"model__p__m{n}_compiled_sql"]
+                    assert dict(api.sent[:i])[sql_page_key(page)][f"model__p__m{n}_compiled_sql"] == f"select {n}"
+    assert listings >= 4 and api.sent[-1][0] == PUBLISHED_RESULTS_KEY
+    assert not any(key.endswith("_compiled_sql") for key in api.keys()), "compiled SQL sent on its own"
+
+
+def test_the_compiled_sql_of_models_ending_together_goes_out_in_one_page():
+    api = SlowApi(delay=0.005)
+    queue = QueuedXComPushes(api.push, successes_published_only=True)
+    time.sleep(0.05)  # the first, empty, published results are out
+    for n in range(50):  # 50 models ending within a publishing interval, as in a wide project's layer
+        queue.xcom_push(f"model__p__m{n}_status", {"status": "success", "outlet_uris": []})
+        queue.xcom_push(f"model__p__m{n}_compiled_sql", f"select {n}")
+    queue.close()
+    assert api.keys() == [PUBLISHED_RESULTS_KEY, sql_page_key(0), PUBLISHED_RESULTS_KEY]
+    assert api.sent[1][1] == {f"model__p__m{n}_compiled_sql": f"select {n}" for n in range(50)}
+    assert {api.sent[2][1][f"model__p__m{n}_compiled_sql"] for n in range(50)} == {0}
 
 
 def test_published_successes_are_sent_at_most_every_quarter_second_and_at_once_when_closed():
