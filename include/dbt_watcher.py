@@ -509,7 +509,7 @@ def queue_xcom_pushes(producer: Any, *, successes_published_only: bool = False) 
             finally:
                 vars(ti).pop("xcom_push", None)
                 logger.info("node results published: %d XCom pushes (%d superseded before sending, %d running "
-                            "states not sent, %d successes only published, %d models' compiled SQL in %d pages); "
+                            "states not sent, %d successes only published, %d compiled SQL texts in %d pages); "
                             "the last sent %.1f s after dbt ended, %.1f s in all", queue.sent, queue.replaced,
                             queue.skipped, queue.published_only, queue.sql_paged, queue.sql_pages,
                             time.monotonic() - waited, time.monotonic() - started)  # fmt: skip

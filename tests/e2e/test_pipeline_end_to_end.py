@@ -136,8 +136,13 @@ def test_the_transform_ran_one_dbt_build_and_each_node_task_logs_its_own_result(
     pushes = re.search(r"node results published: (\d+) XCom pushes .*?(\d+) successes only published", producer_log)
     assert pushes, "the producer did not log what it published"
     sent, published_only = map(int, pushes.groups())
-    # Each success (2 snapshots, 10 models, their tests) is published only; a model's compiled SQL is sent.
+    # Each success (2 snapshots, 10 models, their tests) is published only; the compiled SQL goes in pages.
     assert published_only >= 40 and sent < published_only, producer_log[-2000:]
+    xcoms = stack.client.get(f"/api/v2/dags/{runner.TRANSFORM_DAG}/dagRuns/{run_id}/taskInstances/"
+                             f"dbt.dbt_producer_watcher/xcomEntries?limit=1000")["xcom_entries"]
+    keys = {entry["key"] for entry in xcoms}
+    assert [key for key in keys if "__" in key] == [], "a node's result or compiled SQL was sent on its own"
+    assert "dbt_compiled_sql_page_0" in keys, sorted(keys)
     emitter = (logs / "task_id=dbt.emit_built_assets").rglob("*.log")
     emitter_log = "".join(path.read_text(errors="replace") for path in emitter)
     assert "(0 result(s) read alone, not published)" in emitter_log  # one read of the published results
