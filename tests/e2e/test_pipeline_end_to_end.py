@@ -54,6 +54,21 @@ def failure_report(stack) -> str:
     return "\n".join(parts)
 
 
+def task_log(logs, task_id: str, awaited: str, timeout: float = 30.0) -> str:
+    """A task's log files under a run's `logs`, read again until they hold `awaited` or `timeout` passed.
+
+    The triggerer writes a trigger's log lines as its runner sends them, and may record the trigger's
+    event (so end the task, and the run) before the last of them is written.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        paths = sorted((logs / f"task_id={task_id}").rglob("*.log"))
+        text = "".join(path.read_text(errors="replace") for path in paths)
+        if awaited in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.5)
+
+
 def raw_table_uri(stack, table: str) -> str:
     """The Asset URI the DAGs must use: where the stack's warehouse really is."""
     params = conninfo_to_dict(stack.settings.database_url(WAREHOUSE_CONN_ID))
@@ -121,8 +136,7 @@ def test_the_transform_ran_one_dbt_build_and_each_node_task_logs_its_own_result(
     tasks = {ti["task_id"]: ti for ti in airflow.task_instances(stack.client, runner.TRANSFORM_DAG, run_id)}
     assert [t for t in tasks if t.endswith("dbt_producer_watcher")] == ["dbt.dbt_producer_watcher"]
     logs = stack.settings.airflow_home / "logs" / f"dag_id={runner.TRANSFORM_DAG}" / f"run_id={run_id}"
-    log = (logs / "task_id=dbt.models.marts.fact_events.run").rglob("*.log")
-    text = "".join(path.read_text(errors="replace") for path in log)
+    text = task_log(logs, "dbt.models.marts.fact_events.run", "compiled SQL of model.postgres_analytics.fact_events:")
     assert "dbt result of model.postgres_analytics.fact_events: success" in text
     assert "SELECT" in text.split("dbt result of model.postgres_analytics.fact_events: success")[1][:300]  # rows
     assert "Cloning project" not in text, "a node task ran dbt itself instead of reading the producer's result"
@@ -146,8 +160,8 @@ def test_the_transform_ran_one_dbt_build_and_each_node_task_logs_its_own_result(
     emitter = (logs / "task_id=dbt.emit_built_assets").rglob("*.log")
     emitter_log = "".join(path.read_text(errors="replace") for path in emitter)
     assert "(0 result(s) read alone, not published)" in emitter_log  # one read of the published results
-    test_log = "".join(p.read_text(errors="replace")
-                       for p in (logs / "task_id=dbt.models.marts.fact_events.test").rglob("*.log"))
+    test_log = task_log(logs, "dbt.models.marts.fact_events.test",
+                        "dbt result of test.postgres_analytics.unique_fact_events_event_id")
     assert "dbt result of test.postgres_analytics.unique_fact_events_event_id" in test_log
 
 
