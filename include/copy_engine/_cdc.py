@@ -612,8 +612,9 @@ def attempt_cdc(run: TableRun) -> None:
             stored = read_watermark(run.tgt, run.names.target_text, cdc=True)
             run.tgt.commit()
             report.watermark_before = stored
-            # Under the lock, so that the position read cannot be older than the stored one.
-            reader = None if stored is None else _SlotReader(run, name, stored)
+            # Under the lock, so that the position read cannot be older than the stored one. The values' format
+            # is guessed before the source is described: binary where the servers allow it (`_binary_types`).
+            reader = None if stored is None else _SlotReader(run, name, stored, binary=_may_read_binary(run))
             try:
                 shape = run.describe(key_for="mode cdc")
                 reason = None if stored is None else _why_full_copy(run, name, stored, shape)
@@ -790,21 +791,21 @@ def read_changes(src: psycopg.Connection, name: str, upto: str, *, binary: bool 
 
 class _SlotReader(threading.Thread):
     """Reads the slot's changes up to the source's flushed position on a source connection of its own, into
-    a queue of message batches.
+    a queue of message batches, with values in binary or text format (`binary`).
 
-    Started as soon as the run holds its lock: it connects and takes the position while the run describes
-    the table, and reads once `read()` gives the value format. The source sends the first message only
-    after decoding them all; meanwhile the run checks the slot and prepares the target.
+    Started as soon as the run holds its lock: it connects, takes the position and reads while the run
+    describes the table and checks the slot. The source sends the first message only after decoding them
+    all; meanwhile the run prepares the target.
     """
 
-    def __init__(self, run: TableRun, name: str, stored: str, upto: str | None = None) -> None:
+    def __init__(self, run: TableRun, name: str, stored: str, upto: str | None = None, *, binary: bool) -> None:
         super().__init__(name="copy_engine_cdc_read", daemon=True)
         self.table_run, self.slot, self.stored = run, name, stored
         self.upto = upto  # set before the first batch is queued
+        self.binary = binary
         # Batches, then None at the end or what the read raised; a few at most, so memory follows the decoder.
         self.batches: queue.Queue[list[bytes] | BaseException | None] = queue.Queue(maxsize=4)
-        self._binary = False
-        self._told, self._stopped = threading.Event(), threading.Event()
+        self._stopped = threading.Event()
         self._connection: psycopg.Connection | None = None
         self.start()
 
@@ -824,9 +825,8 @@ class _SlotReader(threading.Thread):
                     # transaction committed asynchronously before `upto` must not be left behind a position
                     # stored as applied.
                     self.upto = max(row[0], self.stored, key=lsn_int)
-                self._told.wait()
                 if not self._stopped.is_set():
-                    for batch in read_changes(src, self.slot, self.upto, binary=self._binary):
+                    for batch in read_changes(src, self.slot, self.upto, binary=self.binary):
                         if self._stopped.is_set():
                             break
                         self.batches.put(batch)
@@ -836,10 +836,6 @@ class _SlotReader(threading.Thread):
             self._connection = None
             if not self._stopped.is_set():
                 self.batches.put(outcome)
-
-    def read(self, *, binary: bool) -> None:
-        self._binary = binary
-        self._told.set()
 
     def messages(self) -> Iterator[list[bytes]]:
         """The batches of messages in the slot's order; raises what the read raised."""
@@ -851,7 +847,6 @@ class _SlotReader(threading.Thread):
     def stop(self) -> None:
         """End the read (its query cancelled) and wait for the thread; what it read or raised is dropped."""
         self._stopped.set()
-        self._told.set()
         connection = self._connection
         if connection is not None:
             with contextlib.suppress(psycopg.Error):
@@ -878,20 +873,27 @@ def wait_until_slot_free(src: psycopg.Connection, name: str, table: TableConfig,
 
 
 def _apply_changes(run: TableRun, name: str, stored: str, reader: _SlotReader) -> None:
-    table, report = run.table, run.report
     binary_types = _binary_types(run)
     try:
+        if reader.binary and binary_types is None:
+            raise NeedsText("a column's values cannot travel in binary format")  # the reader's guess was wrong
         _read_and_write(run, name, stored, reader, binary_types)
     except NeedsText as why:
-        if binary_types is None:
+        if not reader.binary:
             raise
-        logger.info("%s: %s; reading the changes again with text values", table.name, why)
+        logger.info("%s: %s; reading the changes again with text values", run.table.name, why)
         reader.stop()
-        reader = _SlotReader(run, name, stored, reader.upto)
+        reader = _SlotReader(run, name, stored, reader.upto, binary=False)
         try:
             _read_and_write(run, name, stored, reader, None)
         finally:
             reader.stop()
+    _applied(run, name)
+
+
+def _applied(run: TableRun, name: str) -> None:
+    """After the target's commit: the slot told the position applied."""
+    table, report = run.table, run.report
     upto = report.watermark_after
     assert upto is not None
     logger.info("%s: applied up to %s (inserted %d, updated %d, deleted %d)", table.name, upto,
@@ -913,9 +915,7 @@ def _binary_types(run: TableRun) -> dict[str, int] | None:
     send format is in the client encoding).
     """
     shape, src = run.shape, run.src
-    if src.info.server_version < 140000 or not all(column.binary_safe for column in shape.columns):
-        return None
-    if codecs.lookup(src.info.encoding).name != codecs.lookup(run.tgt.info.encoding).name:
+    if not _may_read_binary(run) or not all(column.binary_safe for column in shape.columns):
         return None
     with src.transaction(force_rollback=True):
         row = src.execute("select exists (select from pg_type where oid = any(%s) and typtype = 'd')",
@@ -925,12 +925,18 @@ def _binary_types(run: TableRun) -> dict[str, int] | None:
     return {column.name: column.type_oid for column in shape.columns}
 
 
+def _may_read_binary(run: TableRun) -> bool:
+    """What `_binary_types` needs of the servers, before the source's columns are known."""
+    return run.src.info.server_version >= 140000 and \
+        codecs.lookup(run.src.info.encoding).name == codecs.lookup(run.tgt.info.encoding).name
+
+
 def _read_and_write(run: TableRun, name: str, stored: str, reader: _SlotReader,
                     binary_types: dict[str, int] | None) -> None:
     """Read the slot's changes (by `reader`), coalesce them per key, and apply them with the position in one
     target transaction. Raises NeedsText, having written nothing, when binary values cannot carry them."""
     table, report, src, shape = run.table, run.report, run.src, run.shape
-    reader.read(binary=binary_types is not None)
+    assert reader.binary == (binary_types is not None)
     lookup = _target_value if binary_types is None else _target_binary_value
     decoder = PgOutputDecoder(shape.names, shape.primary_key, lsn_int(stored), lookup=lambda key, column:
                               lookup(run, key, column), encoding=src.info.encoding, binary_types=binary_types)
