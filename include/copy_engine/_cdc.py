@@ -927,8 +927,8 @@ def _binary_types(run: TableRun) -> dict[str, int] | None:
 
 def _may_read_binary(run: TableRun) -> bool:
     """What `_binary_types` needs of the servers, before the source's columns are known."""
-    return run.src.info.server_version >= 140000 and \
-        codecs.lookup(run.src.info.encoding).name == codecs.lookup(run.tgt.info.encoding).name
+    same_encoding = codecs.lookup(run.src.info.encoding).name == codecs.lookup(run.tgt.info.encoding).name
+    return run.src.info.server_version >= 140000 and same_encoding
 
 
 def _read_and_write(run: TableRun, name: str, stored: str, reader: _SlotReader,
