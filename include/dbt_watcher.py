@@ -400,9 +400,7 @@ class QueuedXComPushes:
                         self._published[key] = self.sql_pages  # the page it goes out in
                         self._published_pending = True
                         self.sql_paged += 1
-                        awaiting = self._awaiting_sql.pop(key.removesuffix(COMPILED_SQL_KEY_SUFFIX), None)
-                        if awaiting is not None:
-                            self._publish(*awaiting[:2])
+                        self._publish_status_awaiting(key)
                         continue
                     if published_only:
                         self.published_only += 1
@@ -437,9 +435,13 @@ class QueuedXComPushes:
                     self.sent += 1
                     self._publish(key, value)
                 if key.endswith(COMPILED_SQL_KEY_SUFFIX):
-                    awaiting = self._awaiting_sql.pop(key.removesuffix(COMPILED_SQL_KEY_SUFFIX), None)
-                    if awaiting is not None:
-                        self._publish(*awaiting[:2])
+                    self._publish_status_awaiting(key)
+
+    def _publish_status_awaiting(self, compiled_sql_key: str) -> None:
+        """Publish the model's success that waited for this compiled SQL (the caller holds the lock)."""
+        awaiting = self._awaiting_sql.pop(compiled_sql_key.removesuffix(COMPILED_SQL_KEY_SUFFIX), None)
+        if awaiting is not None:
+            self._publish(*awaiting[:2])
 
     def _publish_awaiting_sql(self, *, older_than: float) -> None:
         """Publish the successes still waiting for their compiled SQL since `older_than` seconds (a model
