@@ -29,6 +29,7 @@ import psycopg
 from bench.cdc_bench import bench_databases, logical_server
 from bench.copy_engine_bench import ROOT, settle
 from include.copy_engine import TableConfig, _api, _cdc, sync_table
+from include.copy_engine._cdc import flush_source_wal, replication_name
 from include.local_stack.postgres import EmbeddedPostgres, free_port
 
 
@@ -54,6 +55,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--skew", action="store_true", help="each round: 100,000 updates of 1,000 keys in 100 "
                         "transactions (the skewed day of bench.cdc_bench), no deletes")
+    parser.add_argument("--floors", action="store_true", help="each round, before the syncs: the source server's "
+                        "decoding of the round's changes alone (no client work), for the full rows (the slot of "
+                        "'cdc now'), for the key only (a publication with a column list) and for nothing published")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="cdc_ab_") as workdir:
         engines = {f"cdc at {args.ref}": engine_at(args.ref, Path(workdir)), "cdc now": _cdc}
@@ -85,6 +89,9 @@ def measure(source_admin: str, target_admin: str, engines: dict[str, ModuleType]
         sync(name)
     seconds: dict[str, list[float]] = {name: [] for name in tables}
     names = list(tables)
+    if args.floors:
+        floor_slots = create_floor_slots(source)
+        seconds.update({name: [] for name in ("server decoding alone: full rows", *floor_slots)})
     if args.skew:
         with psycopg.connect(source, autocommit=True) as conn:
             conn.execute("create table skew_keys as select id from public.bench where id % 97 = 3 order by id "
@@ -102,6 +109,10 @@ def measure(source_admin: str, target_admin: str, engines: dict[str, ModuleType]
                                        "where id %% 100 = %s", (round_number,)).rowcount
                 deleted = conn.execute("delete from public.bench where id %% 10000 = %s",
                                        (50 + round_number,)).rowcount
+        if args.floors:
+            for name, elapsed in server_decoding(source, replication_name(tables["cdc now"].target, "bench_warehouse"),
+                                                 floor_slots).items():
+                seconds[name].append(elapsed)
         shift = round_number % len(names)
         for name in names[shift:] + names[:shift]:
             settle(source)
@@ -110,7 +121,7 @@ def measure(source_admin: str, target_admin: str, engines: dict[str, ModuleType]
             expected = (changed, 0 if name == "incremental" else deleted)
             assert (report.rows_updated, report.rows_deleted) == expected, (name, report.summary())  # type: ignore[attr-defined]
             seconds[name].append(elapsed)
-        print(f"round {round_number}: " + ", ".join(f"{name} {seconds[name][-1]:.3f}" for name in names),
+        print(f"round {round_number}: " + ", ".join(f"{name} {values[-1]:.3f}" for name, values in seconds.items()),
               file=sys.stderr)
     query = "select count(*), md5(string_agg(t::text, '|' order by id)) from {} as t"
     with psycopg.connect(source) as conn:
@@ -125,6 +136,38 @@ def measure(source_admin: str, target_admin: str, engines: dict[str, ModuleType]
         ratios = [value / base for value, base in zip(values, seconds["incremental"], strict=True)]
         print(f"| {name} | {statistics.median(values):.3f} | {statistics.median(ratios):.2f}x | "
               f"{' '.join(f'{value:.2f}' for value in values)} |")
+
+
+def create_floor_slots(source: str) -> dict[str, str]:
+    """Slots (each with its publication of the same name) that decode the bench table's changes as the key only,
+    and that decode nothing: what the server's decoding costs with less to send."""
+    slots = {"server decoding alone: key only": "floor_key_only", "server decoding alone: nothing published":
+             "floor_nothing"}
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("create table floor_unchanged (id int primary key)")
+        conn.execute("create publication floor_key_only for table public.bench (id)")
+        conn.execute("create publication floor_nothing for table floor_unchanged")
+        for slot in slots.values():
+            conn.execute("select pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+    return slots
+
+
+def server_decoding(source: str, engine_slot: str, floor_slots: dict[str, str]) -> dict[str, float]:
+    """Seconds the source takes to decode the changes up to its flushed position and count them, per slot: the
+    engine's own (not consumed), then each floor slot (advanced past them after)."""
+    seconds = {}
+    with psycopg.connect(source, autocommit=True) as conn:
+        flush_source_wal(conn)  # as the engine does before it reads
+        upto = conn.execute("select pg_current_wal_flush_lsn()").fetchone()[0]  # type: ignore[index]
+        for name, slot in {"server decoding alone: full rows": engine_slot, **floor_slots}.items():
+            settle(source)
+            started = time.perf_counter()
+            conn.execute("select count(*) from pg_logical_slot_peek_binary_changes(%s, %s, null, 'proto_version', "
+                         "'1', 'publication_names', %s, 'binary', 'true')", (slot, upto, slot))
+            seconds[name] = time.perf_counter() - started
+            if slot != engine_slot:
+                conn.execute("select pg_replication_slot_advance(%s, %s)", (slot, upto))
+    return seconds
 
 
 if __name__ == "__main__":
