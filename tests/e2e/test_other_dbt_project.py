@@ -3,7 +3,9 @@
 The project in tests/fixtures/other_dbt_project (seeds, a source without freshness, folders the demo
 has not, a snapshot, a test that fails until its data is fixed) runs with DBT_PROJECT_DIR pointing
 at it, against the machine's PostgreSQL 15 as source and warehouse, with URLs that carry no password
-(trust authentication). Nothing outside the project changes: no code, no profile.
+(trust authentication). Nothing outside the project changes: no code, no profile. Its node tasks wait
+in the documented other place, `DBT_WATCHER_TASKS=deferred` (each starts in a worker and defers to the
+triggerer while its node runs); the demo's stack covers the default, `triggerer`.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def other_stack(server_dirs, pg15):
         conn.execute("create table fixture.exchange_rates (currency_code text primary key, rate_to_eur numeric)")
         for code, rate in RATES.items():
             conn.execute("insert into fixture.exchange_rates values (%s, %s)", (code, rate))
-    running = start_stack(server_dirs("stack-other"), warehouse, {}, source, dbt_project_dir=OTHER_PROJECT)
+    running = start_stack(server_dirs("stack-other"), warehouse, {"DBT_WATCHER_TASKS": "deferred"}, source,
+                          dbt_project_dir=OTHER_PROJECT)
     try:
         yield running
     finally:
@@ -121,6 +124,21 @@ def test_every_node_ran_as_one_task_in_dbts_order_and_the_run_completed(failed_t
             if parent in ran:
                 assert ran[parent]["end_date"] <= ti["start_date"], f"{unique_id} started before {parent} ended"
     assert not any(task_id.endswith(("source", "_source")) for task_id in instances), "no source has freshness"
+
+
+def test_deferred_node_tasks_started_in_a_worker_and_logged_their_dbt_result(other_stack, failed_then_fixed):
+    """With DBT_WATCHER_TASKS=triggerer a node task that succeeds never starts in a worker (its log has only a
+    trigger part); deferred, each starts in one, and its log has its node's result either way."""
+    run_id = failed_then_fixed.run["dag_run_id"]
+    logs = other_stack.settings.airflow_home / "logs" / f"dag_id={runner.TRANSFORM_DAG}" / f"run_id={run_id}"
+    nodes = dbt_project.task_nodes(manifest(), [ti["task_id"] for ti in failed_then_fixed.task_instances])
+    assert len(nodes) >= 5
+    for task_id, (unique_id, kind) in nodes.items():
+        worker_log = logs / f"task_id={task_id}" / "attempt=1.log"
+        assert worker_log.is_file(), f"{task_id} did not start in a worker"
+        if kind != "test":
+            text = "".join(path.read_text(errors="replace") for path in worker_log.parent.glob("attempt=1.log*"))
+            assert f"dbt result of {unique_id}: " in text, f"{task_id}'s log has no dbt result of {unique_id}"
 
 
 def test_the_marts_hold_the_values_of_the_seeds_and_rates(other_stack, failed_then_fixed):
