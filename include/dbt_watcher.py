@@ -91,6 +91,10 @@ _pace = _Pace(POLLS_PER_SECOND)
 _shared: dict[tuple[str, ...], tuple[float, Any]] = {}
 _shared_locks: dict[tuple[str, ...], asyncio.Lock] = {}
 WAIT_STEP_S = 0.25  # a trigger's loop; what it reads is cached per run, so a step costs no API call
+# The producer sends its first, empty, published results as its `execute` starts, a moment after it turns
+# running: until then reading them is a 404, which Airflow logs as an error ("XCom not found") in the triggerer.
+PRODUCER_FIRST_PUSH_S = 0.5
+PRODUCER_NOT_STARTED = frozenset({"scheduled", "queued"})
 EVENT_READS = 5  # reads of the published results, PUBLISHED_RESULTS_EVERY_S apart, for a node's event
 
 
@@ -116,6 +120,8 @@ class NodeResultTrigger(WatcherTrigger):
         self.watched = list(watched or [self.model_unique_id])
         self.success_callback = success_callback
         self._producer_ended_at: float | None = None
+        self._producer_running_since: float | None = None
+        self._may_read_published = False
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         _, kwargs = super().serialize()
@@ -179,11 +185,33 @@ class NodeResultTrigger(WatcherTrigger):
 
     async def _published(self) -> Any:
         """The producer's published results, read at most PUBLISHED_RESULTS_EVERY_S ago; once this trigger
-        saw the producer end, read after that (the producer sends everything before it ends)."""
+        saw the producer end, read after that (the producer sends everything before it ends). None while
+        the producer has not sent them yet (`_producer_may_have_published`)."""
+        if not await self._producer_may_have_published():
+            return None
         max_age = PUBLISHED_RESULTS_EVERY_S
         if self._producer_ended_at is not None:
             max_age = min(max_age, time.monotonic() - self._producer_ended_at)
         return await self._shared_read("published", max_age, lambda: self.get_xcom_val(PUBLISHED_RESULTS_KEY))
+
+    async def _producer_may_have_published(self) -> bool:
+        """False while the producer is scheduled or queued, and until PRODUCER_FIRST_PUSH_S after this trigger
+        first saw it running: it has published nothing yet, and a read would log an error in the triggerer.
+        Once True, always True."""
+        if self._producer_ended_at is None and not self._may_read_published:
+            if self._producer_running_since is None:
+                state = await self._producer_state()
+                if state in PRODUCER_NOT_STARTED:
+                    return False
+                if state == "running":
+                    self._producer_running_since = time.monotonic()
+            # Ended, or a state that tells nothing (None where it cannot be read): read.
+            if self._producer_running_since is not None and (
+                time.monotonic() - self._producer_running_since < PRODUCER_FIRST_PUSH_S
+            ):
+                return False
+            self._may_read_published = True
+        return True
 
     async def _watched_events(self) -> dict[str, Any]:
         """Each watched node's terminal dbt event, from the published results.

@@ -18,6 +18,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
+from include.dbt_watcher import PUBLISHED_RESULTS_KEY
 from include.demo_data import tick
 from include.local_stack import airflow, runner
 from include.local_stack.runner import task_label
@@ -194,6 +195,17 @@ def test_a_trigger_that_fired_and_stopped_is_not_fetched_again_as_a_new_one(stac
     assert "the triggerer's execution API is ready" in triggerer_log  # INFO lines are in this log
     refetched = [line for line in triggerer_log.splitlines() if "TaskInstance of Trigger is None" in line]
     assert refetched == [], f"{len(refetched)} ended triggers fetched again, the first: {refetched[:1]}"
+
+
+def test_no_trigger_read_the_published_results_before_the_producer_sent_them(stack, pipeline_run):
+    """Reading them before the producer's first push is a 404, which Airflow logs as an error in the triggerer
+    (include/dbt_watcher.py: _producer_may_have_published)."""
+    triggerer_log = (stack.settings.airflow_home / "logs" / "triggerer.log").read_text(errors="replace")
+    assert "the triggerer's execution API is ready" in triggerer_log  # INFO lines are in this log
+    assert list((stack.settings.airflow_home / "logs").rglob("*.log.trigger.*.log")), "no trigger ran"
+    not_found = [line for line in triggerer_log.splitlines()
+                 if "XCom not found" in line and PUBLISHED_RESULTS_KEY in line]  # fmt: skip
+    assert not_found == [], f"{len(not_found)} reads before the first push, the first: {not_found[:1]}"
 
 
 def test_the_scheduler_and_the_dag_processor_parsed_the_dags_once_before_forking(stack, pipeline_run):
