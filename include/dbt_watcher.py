@@ -120,7 +120,6 @@ class NodeResultTrigger(WatcherTrigger):
         self.watched = list(watched or [self.model_unique_id])
         self.success_callback = success_callback
         self._producer_ended_at: float | None = None
-        self._producer_running_since: float | None = None
         self._may_read_published = False
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
@@ -195,20 +194,19 @@ class NodeResultTrigger(WatcherTrigger):
         return await self._shared_read("published", max_age, lambda: self.get_xcom_val(PUBLISHED_RESULTS_KEY))
 
     async def _producer_may_have_published(self) -> bool:
-        """False while the producer is scheduled or queued, and until PRODUCER_FIRST_PUSH_S after this trigger
-        first saw it running: it has published nothing yet, and a read would log an error in the triggerer.
-        Once True, always True."""
+        """False while the producer is scheduled or queued, and until PRODUCER_FIRST_PUSH_S after a trigger of
+        its run first saw it running: it has published nothing yet, and a read would log an error in the
+        triggerer. Once True, always True for this trigger."""
         if self._producer_ended_at is None and not self._may_read_published:
-            if self._producer_running_since is None:
+            seen_running = (self.dag_id, self.run_id, self.producer_task_id, "seen running")
+            if seen_running not in _shared:
                 state = await self._producer_state()
                 if state in PRODUCER_NOT_STARTED:
                     return False
-                if state == "running":
-                    self._producer_running_since = time.monotonic()
+                if state == "running":  # shared: a trigger started later in the run does not wait again
+                    _shared.setdefault(seen_running, (time.monotonic(), None))
             # Ended, or a state that tells nothing (None where it cannot be read): read.
-            if self._producer_running_since is not None and (
-                time.monotonic() - self._producer_running_since < PRODUCER_FIRST_PUSH_S
-            ):
+            if seen_running in _shared and time.monotonic() - _shared[seen_running][0] < PRODUCER_FIRST_PUSH_S:
                 return False
             self._may_read_published = True
         return True
