@@ -197,18 +197,19 @@ class NodeResultTrigger(WatcherTrigger):
         """False while the producer is scheduled or queued, and until PRODUCER_FIRST_PUSH_S after a trigger of
         its run first saw it running: it has published nothing yet, and a read would log an error in the
         triggerer. Once True, always True for this trigger."""
-        if self._producer_ended_at is None and not self._may_read_published:
-            seen_running = (self.dag_id, self.run_id, self.producer_task_id, "seen running")
-            if seen_running not in _shared:
-                state = await self._producer_state()
-                if state in PRODUCER_NOT_STARTED:
-                    return False
-                if state == "running":  # shared: a trigger started later in the run does not wait again
-                    _shared.setdefault(seen_running, (time.monotonic(), None))
-            # Ended, or a state that tells nothing (None where it cannot be read): read.
-            if seen_running in _shared and time.monotonic() - _shared[seen_running][0] < PRODUCER_FIRST_PUSH_S:
+        if self._producer_ended_at is not None or self._may_read_published:
+            return True
+        seen_running = (self.dag_id, self.run_id, self.producer_task_id, "seen running")
+        if seen_running not in _shared:
+            state = await self._producer_state()
+            if state in PRODUCER_NOT_STARTED:
                 return False
-            self._may_read_published = True
+            if state == "running":  # shared: a trigger started later in the run does not wait again
+                _shared.setdefault(seen_running, (time.monotonic(), None))
+        # Otherwise ended, or a state that tells nothing (None where it cannot be read): read.
+        if seen_running in _shared and time.monotonic() - _shared[seen_running][0] < PRODUCER_FIRST_PUSH_S:
+            return False
+        self._may_read_published = True
         return True
 
     async def _watched_events(self) -> dict[str, Any]:

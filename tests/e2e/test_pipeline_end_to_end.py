@@ -18,7 +18,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from include.dbt_watcher import PUBLISHED_RESULTS_KEY
+from include.dbt_watcher import PUBLISHED_RESULTS_KEY, sql_page_key
 from include.demo_data import tick
 from include.local_stack import airflow, runner
 from include.local_stack.runner import task_label
@@ -68,6 +68,13 @@ def task_log(logs, task_id: str, awaited: str, timeout: float = 30.0) -> str:
         if awaited in text or time.monotonic() > deadline:
             return text
         time.sleep(0.5)
+
+
+def read_triggerer_log(stack) -> str:
+    """The triggerer's log, asserted to hold its INFO lines: a line the caller finds missing is missing."""
+    text = (stack.settings.airflow_home / "logs" / "triggerer.log").read_text(errors="replace")
+    assert "the triggerer's execution API is ready" in text
+    return text
 
 
 def raw_table_uri(stack, table: str) -> str:
@@ -157,7 +164,7 @@ def test_the_transform_ran_one_dbt_build_and_each_node_task_logs_its_own_result(
                              f"dbt.dbt_producer_watcher/xcomEntries?limit=1000")["xcom_entries"]
     keys = {entry["key"] for entry in xcoms}
     assert [key for key in keys if "__" in key] == [], "a node's result or compiled SQL was sent on its own"
-    assert "dbt_compiled_sql_page_0" in keys, sorted(keys)
+    assert sql_page_key(0) in keys, sorted(keys)
     emitter = (logs / "task_id=dbt.emit_built_assets").rglob("*.log")
     emitter_log = "".join(path.read_text(errors="replace") for path in emitter)
     assert "(0 result(s) read alone, not published)" in emitter_log  # one read of the published results
@@ -182,8 +189,7 @@ def test_node_tasks_ended_in_the_triggerer_sent_the_dag_processor_no_callback_re
 def test_node_triggers_started_without_deserializing_the_dag(stack, pipeline_run):
     """Airflow deserializes the whole DAG for every trigger of a start_from_trigger task, and logs
     so; a node task's trigger is started from a DAG bag without DAGs (include/triggerer_setup.py)."""
-    triggerer_log = (stack.settings.airflow_home / "logs" / "triggerer.log").read_text(errors="replace")
-    assert "the triggerer's execution API is ready" in triggerer_log  # INFO lines are in this log
+    triggerer_log = read_triggerer_log(stack)
     deserialized = [line for line in triggerer_log.splitlines() if "Start from trigger enabled for task" in line]
     assert deserialized == []
 
@@ -191,8 +197,7 @@ def test_node_triggers_started_without_deserializing_the_dag(stack, pipeline_run
 def test_a_trigger_that_fired_and_stopped_is_not_fetched_again_as_a_new_one(stack, pipeline_run):
     """Until the cleanup deletes its row, Airflow took it for a new trigger on every assignment round
     and logged this line each time (include/triggerer_setup.py: _skip_ended_triggers)."""
-    triggerer_log = (stack.settings.airflow_home / "logs" / "triggerer.log").read_text(errors="replace")
-    assert "the triggerer's execution API is ready" in triggerer_log  # INFO lines are in this log
+    triggerer_log = read_triggerer_log(stack)
     refetched = [line for line in triggerer_log.splitlines() if "TaskInstance of Trigger is None" in line]
     assert refetched == [], f"{len(refetched)} ended triggers fetched again, the first: {refetched[:1]}"
 
@@ -200,8 +205,7 @@ def test_a_trigger_that_fired_and_stopped_is_not_fetched_again_as_a_new_one(stac
 def test_no_trigger_read_the_published_results_before_the_producer_sent_them(stack, pipeline_run):
     """Reading them before the producer's first push is a 404, which Airflow logs as an error in the triggerer
     (include/dbt_watcher.py: _producer_may_have_published)."""
-    triggerer_log = (stack.settings.airflow_home / "logs" / "triggerer.log").read_text(errors="replace")
-    assert "the triggerer's execution API is ready" in triggerer_log  # INFO lines are in this log
+    triggerer_log = read_triggerer_log(stack)
     assert list((stack.settings.airflow_home / "logs").rglob("*.log.trigger.*.log")), "no trigger ran"
     not_found = [line for line in triggerer_log.splitlines()
                  if "XCom not found" in line and PUBLISHED_RESULTS_KEY in line]  # fmt: skip
