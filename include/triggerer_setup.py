@@ -17,8 +17,9 @@ waits in `include.dbt_watcher.NodeResultTrigger` says in the trigger's arguments
 success callback; when it has none, its success is recorded here as Airflow records it (state,
 XComs) without the request. Every other event and trigger goes to Airflow's own handler.
 
-**A node task's trigger starts without the DAG** (`start_node_triggers_without_the_dag`), and
-**the trigger runner syncs with its supervisor every 0.1 s** (`sync_triggers_more_often`): each
+**A node task's trigger starts without the DAG** (`start_node_triggers_without_the_dag`),
+**the trigger runner syncs with its supervisor every 0.1 s** (`sync_triggers_more_often`), and
+**a trigger's last log lines reach its task's log** (`write_trigger_logs_before_closing`): each
 function's docstring says why.
 
 Kept free of dbt and Cosmos imports: `config/airflow_local_settings.py` installs it in the
@@ -28,6 +29,8 @@ triggerer process at start-up.
 from __future__ import annotations
 
 import logging
+import select
+import selectors
 import threading
 import time
 from typing import Any
@@ -44,6 +47,7 @@ def install() -> None:
     warm_in_process_execution_api()
     start_node_triggers_without_the_dag()
     sync_triggers_more_often()
+    write_trigger_logs_before_closing()
 
 
 RUNNER_LOOP_S = 0.1  # Airflow's trigger runner: 1 s
@@ -115,6 +119,83 @@ def _skip_ended_triggers(supervisor: Any) -> None:
 
     supervisor.on_trigger_event = on_trigger_event
     supervisor.update_triggers = update_triggers
+
+
+def write_trigger_logs_before_closing() -> None:
+    """Write the log lines a trigger sent before it finished into its task's log, then close that log.
+
+    The trigger runner sends its triggers' log lines on one socket and, on another, which triggers
+    finished; the supervisor closes a finished trigger's log file as that message arrives, and writes
+    lines that come later for it into the triggerer's own log. When the supervisor was busy (serving
+    its triggers' reads) both arrived in one round, in either order: a node task's log lost its dbt
+    result, intermittently. The runner writes a line before it reports the trigger finished, so
+    reading the log socket dry first puts every line in its file. The supervisor's loop reads that
+    socket too, when a round began with lines waiting: it now reads only lines still waiting (a
+    blocking read of a socket read dry here would stop the triggerer).
+    """
+    try:
+        from airflow.jobs.triggerer_job_runner import TriggerRunnerSupervisor
+    except Exception:
+        log.warning("could not keep the triggers' last log lines in their tasks' logs", exc_info=True)
+        return
+    airflow_register = TriggerRunnerSupervisor._register_pipe_readers
+    airflow_handle = TriggerRunnerSupervisor._handle_request
+    if getattr(airflow_handle, "reads_logs_first", False):
+        return
+
+    def _register_pipe_readers(self: Any, stdout: Any, stderr: Any, requests: Any, logs: Any, **kwargs: Any) -> Any:
+        result = airflow_register(self, stdout, stderr, requests, logs, **kwargs)
+        read, on_close = self.selector.get_key(logs).data
+        self.selector.modify(logs, selectors.EVENT_READ, (_only_when_waiting(read), on_close))
+        return result
+
+    def _handle_request(self: Any, msg: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(msg, "finished", None):
+            _read_waiting_log_lines(self)
+        return airflow_handle(self, msg, *args, **kwargs)
+
+    _handle_request.reads_logs_first = True  # type: ignore[attr-defined]
+    TriggerRunnerSupervisor._register_pipe_readers = _register_pipe_readers  # type: ignore[method-assign]
+    TriggerRunnerSupervisor._handle_request = _handle_request  # type: ignore[method-assign]
+
+
+def _waiting(sock: Any) -> bool:
+    """Whether reading `sock` now returns at once: data, or its end."""
+    poll = select.poll()  # not select.select: a triggerer's descriptors can pass 1024
+    poll.register(sock, select.POLLIN)
+    return bool(poll.poll(0))
+
+
+def _only_when_waiting(read: Any) -> Any:
+    """`read`, called only when its socket has something waiting (else True: keep reading it)."""
+
+    def read_waiting(sock: Any) -> bool:
+        return read(sock) if _waiting(sock) else True
+
+    read_waiting.only_when_waiting = True  # type: ignore[attr-defined]
+    return read_waiting
+
+
+def _read_waiting_log_lines(supervisor: Any) -> None:
+    """Hand every log line waiting on the supervisor's log socket to its reader, as its loop would."""
+    for sock, kind in list(supervisor._open_sockets.items()):
+        if kind != "logs":
+            continue
+        try:
+            read, on_close = supervisor.selector.get_key(sock).data
+        except (KeyError, ValueError):  # no longer read
+            return
+        if not getattr(read, "only_when_waiting", False):  # the loop's read would block on a socket read dry
+            return
+        while _waiting(sock):
+            try:
+                more = read(sock)
+            except (BrokenPipeError, ConnectionResetError):
+                more = False
+            if not more:  # the runner closed it: as the supervisor's loop does
+                on_close(sock)
+                sock.close()
+                return
 
 
 def _at_most_every(seconds: float, method: Any) -> Any:

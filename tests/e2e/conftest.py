@@ -50,6 +50,19 @@ def start_stack(data_dir, warehouse_url: str | None, extra_env: dict[str, str], 
     return RunningStack(settings, client)
 
 
+def read_triggerer_log(stack: RunningStack) -> str:
+    """The triggerer's log, asserted to hold its INFO lines: a line the caller finds missing is missing."""
+    text = (stack.settings.airflow_home / "logs" / "triggerer.log").read_text(errors="replace")
+    assert "the triggerer's execution API is ready" in text
+    return text
+
+
+def node_lines_in_triggerer_log(stack: RunningStack) -> list[str]:
+    """Lines a dbt node's trigger logged (include/dbt_watcher.py) that are in the triggerer's own log."""
+    return [line for line in read_triggerer_log(stack).splitlines()
+            if "dbt result of" in line or "compiled SQL of" in line]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def slack_receiver() -> Iterator[WebhookServer]:
     """Where the stack's `slack_alerts` connection posts its alerts."""

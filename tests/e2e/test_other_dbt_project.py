@@ -24,7 +24,7 @@ import pytest
 
 from include import dbt_project
 from include.local_stack import airflow, runner
-from tests.e2e.conftest import RunningStack, start_stack
+from tests.e2e.conftest import RunningStack, node_lines_in_triggerer_log, start_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -139,6 +139,7 @@ def test_deferred_node_tasks_started_in_a_worker_and_logged_their_dbt_result(oth
         if kind != "test":
             text = "".join(path.read_text(errors="replace") for path in worker_log.parent.glob("attempt=1.log*"))
             assert f"dbt result of {unique_id}: " in text, f"{task_id}'s log has no dbt result of {unique_id}"
+    assert node_lines_in_triggerer_log(other_stack) == []
 
 
 def test_the_marts_hold_the_values_of_the_seeds_and_rates(other_stack, failed_then_fixed):

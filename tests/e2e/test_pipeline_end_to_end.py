@@ -23,6 +23,7 @@ from include.demo_data import tick
 from include.local_stack import airflow, runner
 from include.local_stack.runner import task_label
 from include.local_stack.settings import SOURCE_CONN_ID, WAREHOUSE_CONN_ID
+from tests.e2e.conftest import node_lines_in_triggerer_log, read_triggerer_log
 
 pytestmark = pytest.mark.e2e
 
@@ -68,13 +69,6 @@ def task_log(logs, task_id: str, awaited: str, timeout: float = 30.0) -> str:
         if awaited in text or time.monotonic() > deadline:
             return text
         time.sleep(0.5)
-
-
-def read_triggerer_log(stack) -> str:
-    """The triggerer's log, asserted to hold its INFO lines: a line the caller finds missing is missing."""
-    text = (stack.settings.airflow_home / "logs" / "triggerer.log").read_text(errors="replace")
-    assert "the triggerer's execution API is ready" in text
-    return text
 
 
 def raw_table_uri(stack, table: str) -> str:
@@ -200,6 +194,12 @@ def test_a_trigger_that_fired_and_stopped_is_not_fetched_again_as_a_new_one(stac
     triggerer_log = read_triggerer_log(stack)
     refetched = [line for line in triggerer_log.splitlines() if "TaskInstance of Trigger is None" in line]
     assert refetched == [], f"{len(refetched)} ended triggers fetched again, the first: {refetched[:1]}"
+
+
+def test_every_line_a_node_trigger_logged_went_to_its_tasks_log(stack, pipeline_run):
+    """Not to the triggerer's own log, where Airflow writes a finished trigger's late lines
+    (include/triggerer_setup.py: write_trigger_logs_before_closing)."""
+    assert node_lines_in_triggerer_log(stack) == []
 
 
 def test_no_trigger_read_the_published_results_before_the_producer_sent_them(stack, pipeline_run):
