@@ -49,7 +49,7 @@ from cosmos.operators._watcher.state import (
 )
 from cosmos.operators._watcher.triggerer import WatcherEventReason, WatcherTrigger
 
-from include.triggerer_setup import NODE_TRIGGER_CLASS, SUCCESS_CALLBACK_ARGUMENT
+from include.triggerer_setup import NODE_TRIGGER_CLASS, PUBLISHED_RESULTS_KEY, SUCCESS_CALLBACK_ARGUMENT
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +91,6 @@ _pace = _Pace(POLLS_PER_SECOND)
 _shared: dict[tuple[str, ...], tuple[float, Any]] = {}
 _shared_locks: dict[tuple[str, ...], asyncio.Lock] = {}
 WAIT_STEP_S = 0.25  # a trigger's loop; what it reads is cached per run, so a step costs no API call
-# The producer sends its first, empty, published results as its `execute` starts, a moment after it turns
-# running: until then reading them is a 404, which Airflow logs as an error ("XCom not found") in the triggerer.
-PRODUCER_FIRST_PUSH_S = 0.5
-PRODUCER_NOT_STARTED = frozenset({"scheduled", "queued"})
 EVENT_READS = 5  # reads of the published results, PUBLISHED_RESULTS_EVERY_S apart, for a node's event
 
 
@@ -120,7 +116,6 @@ class NodeResultTrigger(WatcherTrigger):
         self.watched = list(watched or [self.model_unique_id])
         self.success_callback = success_callback
         self._producer_ended_at: float | None = None
-        self._may_read_published = False
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         _, kwargs = super().serialize()
@@ -184,33 +179,12 @@ class NodeResultTrigger(WatcherTrigger):
 
     async def _published(self) -> Any:
         """The producer's published results, read at most PUBLISHED_RESULTS_EVERY_S ago; once this trigger
-        saw the producer end, read after that (the producer sends everything before it ends). None while
-        the producer has not sent them yet (`_producer_may_have_published`)."""
-        if not await self._producer_may_have_published():
-            return None
+        saw the producer end, read after that (the producer sends everything before it ends). None until
+        the producer has sent them (the triggerer reads them quietly till then: include/triggerer_setup.py)."""
         max_age = PUBLISHED_RESULTS_EVERY_S
         if self._producer_ended_at is not None:
             max_age = min(max_age, time.monotonic() - self._producer_ended_at)
         return await self._shared_read("published", max_age, lambda: self.get_xcom_val(PUBLISHED_RESULTS_KEY))
-
-    async def _producer_may_have_published(self) -> bool:
-        """False while the producer is scheduled or queued, and until PRODUCER_FIRST_PUSH_S after a trigger of
-        its run first saw it running: it has published nothing yet, and a read would log an error in the
-        triggerer. Once True, always True for this trigger."""
-        if self._producer_ended_at is not None or self._may_read_published:
-            return True
-        seen_running = (self.dag_id, self.run_id, self.producer_task_id, "seen running")
-        if seen_running not in _shared:
-            state = await self._producer_state()
-            if state in PRODUCER_NOT_STARTED:
-                return False
-            if state == "running":  # shared: a trigger started later in the run does not wait again
-                _shared.setdefault(seen_running, (time.monotonic(), None))
-        # Otherwise ended, or a state that tells nothing (None where it cannot be read): read.
-        if seen_running in _shared and time.monotonic() - _shared[seen_running][0] < PRODUCER_FIRST_PUSH_S:
-            return False
-        self._may_read_published = True
-        return True
 
     async def _watched_events(self) -> dict[str, Any]:
         """Each watched node's terminal dbt event, from the published results.
@@ -301,10 +275,9 @@ RESULT_KEY_SUFFIX = "_status"
 TESTS_RESULT_KEY_SUFFIX = "_tests_status"
 NODE_KEY_SUFFIXES = (EVENT_KEY_SUFFIX, RESULT_KEY_SUFFIX, COMPILED_SQL_KEY_SUFFIX, TESTS_RESULT_KEY_SUFFIX)
 SQL_WAIT_S = 1.0  # how long a model's published-only success waits for its compiled SQL
-# One XCom mapping every result key sent so far to its dbt status, and every node's terminal event
-# key to what its task logs of it, so a waiting trigger reads one key a run, not its node's: at 200
-# models one read per node kept the last nodes' tasks waiting tens of seconds after the build.
-PUBLISHED_RESULTS_KEY = "dbt_published_results"
+# PUBLISHED_RESULTS_KEY: one XCom mapping every result key sent so far to its dbt status, and every node's
+# terminal event key to what its task logs of it, so a waiting trigger reads one key a run, not its node's:
+# at 200 models one read per node kept the last nodes' tasks waiting tens of seconds after the build.
 LOGGED_EVENT_FIELDS = ("status", "start_time", "finish_time", "msg")  # dbt_result_line's
 OUTLET_URIS_SUFFIX = "_outlet_uris"  # a model's Asset URIs, as its `_status` XCom has them
 

@@ -18,9 +18,10 @@ success callback; when it has none, its success is recorded here as Airflow reco
 XComs) without the request. Every other event and trigger goes to Airflow's own handler.
 
 **A node task's trigger starts without the DAG** (`start_node_triggers_without_the_dag`),
-**the trigger runner syncs with its supervisor every 0.1 s** (`sync_triggers_more_often`), and
-**a trigger's last log lines reach its task's log** (`write_trigger_logs_before_closing`): each
-function's docstring says why.
+**the trigger runner syncs with its supervisor every 0.1 s** (`sync_triggers_more_often`),
+**a trigger's last log lines reach its task's log** (`write_trigger_logs_before_closing`), and
+**the producer's published results, not sent yet, read as nothing yet** (`read_published_results_quietly`):
+each function's docstring says why.
 
 Kept free of dbt and Cosmos imports: `config/airflow_local_settings.py` installs it in the
 triggerer process at start-up.
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 
 NODE_TRIGGER_CLASS = "include.dbt_watcher.NodeResultTrigger"
 SUCCESS_CALLBACK_ARGUMENT = "success_callback"  # the trigger's argument: does its task have one
+# The XCom in which the watcher producer publishes every node result sent so far (include/dbt_watcher.py).
+PUBLISHED_RESULTS_KEY = "dbt_published_results"
 _installed = False
 
 
@@ -48,6 +51,7 @@ def install() -> None:
     start_node_triggers_without_the_dag()
     sync_triggers_more_often()
     write_trigger_logs_before_closing()
+    read_published_results_quietly()
 
 
 RUNNER_LOOP_S = 0.1  # Airflow's trigger runner: 1 s
@@ -196,6 +200,42 @@ def _read_waiting_log_lines(supervisor: Any) -> None:
                 on_close(sock)
                 sock.close()
                 return
+
+
+def read_published_results_quietly() -> None:
+    """Read a producer's published results, until it has sent them, only when they are there.
+
+    The node triggers of a run start with it, and the producer sends its (empty) published results as
+    its `execute` starts: a second or more later on a busy machine. Airflow's API client logs every
+    read of an XCom not there yet as an error ("XCom not found") in the triggerer's log. Until a
+    run's producer has sent them, each read here first counts them (a HEAD request, which answers
+    0 instead of 404) and reads nothing when there are none.
+    """
+    try:
+        from airflow.sdk.api.client import XComOperations
+        from airflow.sdk.api.datamodels._generated import XComResponse
+    except Exception:
+        log.warning("could not read the published results quietly", exc_info=True)
+        return
+    airflow_get = XComOperations.get
+    if getattr(airflow_get, "quiet", False):
+        return
+    sent: dict[tuple[str, str, str], None] = {}  # producers that sent them, the last 1000
+
+    def get(self: Any, dag_id: str, run_id: str, task_id: str, key: str, map_index: int | None = None,
+            include_prior_dates: bool = False) -> Any:  # fmt: skip
+        producer = (dag_id, run_id, task_id)
+        unmapped = map_index in (None, -1) and not include_prior_dates
+        if key == PUBLISHED_RESULTS_KEY and unmapped and producer not in sent:
+            if self.head(dag_id, run_id, task_id, key).len == 0:
+                return XComResponse(key=key, value=None)  # what Airflow's client answers after its error line
+            sent[producer] = None
+            while len(sent) > 1000:
+                sent.pop(next(iter(sent)))
+        return airflow_get(self, dag_id, run_id, task_id, key, map_index, include_prior_dates)
+
+    get.quiet = True  # type: ignore[attr-defined]
+    XComOperations.get = get  # type: ignore[method-assign]
 
 
 def _at_most_every(seconds: float, method: Any) -> Any:

@@ -13,6 +13,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from include.local_stack import airflow, runner
 from include.local_stack.postgres import free_port
 from include.local_stack.settings import StackSettings
+from include.triggerer_setup import PUBLISHED_RESULTS_KEY
 from tests.loopback import WebhookServer, serve_webhook, slack_connection
 
 # Small enough for CI, large enough that every event type and action flag occurs.
@@ -51,10 +52,20 @@ def start_stack(data_dir, warehouse_url: str | None, extra_env: dict[str, str], 
 
 
 def read_triggerer_log(stack: RunningStack) -> str:
-    """The triggerer's log, asserted to hold its INFO lines: a line the caller finds missing is missing."""
+    """The triggerer's log, asserted to hold its INFO lines (a line the caller finds missing is missing) and
+    no warning that a change of include/triggerer_setup.py could not be made."""
     text = (stack.settings.airflow_home / "logs" / "triggerer.log").read_text(errors="replace")
     assert "the triggerer's execution API is ready" in text
+    assert [line for line in text.splitlines() if "could not" in line] == []
     return text
+
+
+def published_results_not_found(stack: RunningStack) -> list[str]:
+    """The triggerer's error lines for reads of the producer's published results before it sent them
+    (include/triggerer_setup.py: read_published_results_quietly)."""
+    assert list((stack.settings.airflow_home / "logs").rglob("*.log.trigger.*.log")), "no trigger ran"
+    return [line for line in read_triggerer_log(stack).splitlines()
+            if "XCom not found" in line and PUBLISHED_RESULTS_KEY in line]  # fmt: skip
 
 
 def node_lines_in_triggerer_log(stack: RunningStack) -> list[str]:

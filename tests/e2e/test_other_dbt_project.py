@@ -24,7 +24,7 @@ import pytest
 
 from include import dbt_project
 from include.local_stack import airflow, runner
-from tests.e2e.conftest import RunningStack, node_lines_in_triggerer_log, start_stack
+from tests.e2e.conftest import RunningStack, node_lines_in_triggerer_log, published_results_not_found, start_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -140,6 +140,11 @@ def test_deferred_node_tasks_started_in_a_worker_and_logged_their_dbt_result(oth
             text = "".join(path.read_text(errors="replace") for path in worker_log.parent.glob("attempt=1.log*"))
             assert f"dbt result of {unique_id}: " in text, f"{task_id}'s log has no dbt result of {unique_id}"
     assert node_lines_in_triggerer_log(other_stack) == []
+
+
+def test_no_deferred_trigger_read_the_published_results_before_the_producer_sent_them(other_stack, failed_then_fixed):
+    """Each starts as its worker defers, the producer's first push a second or more later on two cores."""
+    assert published_results_not_found(other_stack) == []
 
 
 def test_the_marts_hold_the_values_of_the_seeds_and_rates(other_stack, failed_then_fixed):

@@ -18,12 +18,12 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from include.dbt_watcher import PUBLISHED_RESULTS_KEY, sql_page_key
+from include.dbt_watcher import sql_page_key
 from include.demo_data import tick
 from include.local_stack import airflow, runner
 from include.local_stack.runner import task_label
 from include.local_stack.settings import SOURCE_CONN_ID, WAREHOUSE_CONN_ID
-from tests.e2e.conftest import node_lines_in_triggerer_log, read_triggerer_log
+from tests.e2e.conftest import node_lines_in_triggerer_log, published_results_not_found, read_triggerer_log
 
 pytestmark = pytest.mark.e2e
 
@@ -203,12 +203,8 @@ def test_every_line_a_node_trigger_logged_went_to_its_tasks_log(stack, pipeline_
 
 
 def test_no_trigger_read_the_published_results_before_the_producer_sent_them(stack, pipeline_run):
-    """Reading them before the producer's first push is a 404, which Airflow logs as an error in the triggerer
-    (include/dbt_watcher.py: _producer_may_have_published)."""
-    triggerer_log = read_triggerer_log(stack)
-    assert list((stack.settings.airflow_home / "logs").rglob("*.log.trigger.*.log")), "no trigger ran"
-    not_found = [line for line in triggerer_log.splitlines()
-                 if "XCom not found" in line and PUBLISHED_RESULTS_KEY in line]  # fmt: skip
+    """Airflow logs such a read, a 404, as an error in the triggerer; it counts them first."""
+    not_found = published_results_not_found(stack)
     assert not_found == [], f"{len(not_found)} reads before the first push, the first: {not_found[:1]}"
 
 
