@@ -185,24 +185,23 @@ def _only_when_waiting(read: Any) -> Any:
 
 def _read_waiting_log_lines(supervisor: Any) -> None:
     """Hand every log line waiting on the supervisor's log socket to its reader, as its loop would."""
-    for sock, kind in list(getattr(supervisor, "_open_sockets", {}).items()):
-        if kind != "logs":
-            continue
+    sockets = getattr(supervisor, "_open_sockets", {})
+    sock = next((sock for sock, kind in list(sockets.items()) if kind == "logs"), None)
+    try:
+        read, on_close = supervisor.selector.get_key(sock).data if sock is not None else (None, None)
+    except (KeyError, ValueError):  # no longer read
+        return
+    if not getattr(read, "only_when_waiting", False):  # none, or the loop's read would block on a socket read dry
+        return
+    while _waiting(sock):
         try:
-            read, on_close = supervisor.selector.get_key(sock).data
-        except (KeyError, ValueError):  # no longer read
+            more = read(sock)
+        except (BrokenPipeError, ConnectionResetError):
+            more = False
+        if not more:  # the runner closed it: as the supervisor's loop does
+            on_close(sock)
+            sock.close()
             return
-        if not getattr(read, "only_when_waiting", False):  # the loop's read would block on a socket read dry
-            return
-        while _waiting(sock):
-            try:
-                more = read(sock)
-            except (BrokenPipeError, ConnectionResetError):
-                more = False
-            if not more:  # the runner closed it: as the supervisor's loop does
-                on_close(sock)
-                sock.close()
-                return
 
 
 def read_published_results_quietly() -> None:
